@@ -1,0 +1,3 @@
+from vramtrace.cli import main
+
+main()

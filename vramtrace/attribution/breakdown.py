@@ -1,0 +1,131 @@
+"""The report's content: figures and breakdowns of one trace at one point, as plain data.
+
+``build_report`` returns a JSON-ready dict (schema in docs/report-json.md); renderers only
+format it. Module paths of repeated layers are folded (``model.layers.*.mlp``) so that 32
+identical layers read as one row.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Iterable
+
+import numpy as np
+
+from vramtrace import __version__
+from vramtrace.attribution.classify import Attribution, attribute, format_frame, python_frames
+from vramtrace.replay.timeline import DeviceTimeline, build_timeline
+from vramtrace.trace import Action, Trace
+
+SCHEMA_VERSION = 1
+TOP_STACKS = 10
+STACK_DEPTH = 8
+_LAYER_INDEX = re.compile(r"\.\d+(?=\.|$)")
+
+
+def fold_module(path: str) -> str:
+    """``model.layers.17.mlp`` -> ``model.layers.*.mlp``."""
+    return _LAYER_INDEX.sub(".*", path)
+
+
+def build_report(trace: Trace, at: str | int = "peak", devices: Iterable[int] | None = None) -> dict:
+    """Everything ``vramtrace report`` shows, for the chosen devices (default: all with data)."""
+    if devices is None:
+        devices = [d for d in range(trace.n_devices) if _has_data(trace, d)] or list(range(trace.n_devices))
+    return {
+        "schema": SCHEMA_VERSION,
+        "vramtrace": __version__,
+        "file": trace.path,
+        "n_devices": trace.n_devices,
+        "allocator_settings": _plain(trace.settings),
+        "devices": [device_report(trace, build_timeline(trace, d), at) for d in devices],
+    }
+
+
+def _has_data(trace: Trace, device: int) -> bool:
+    sl = trace.device_slice(device)
+    return sl.stop > sl.start or bool((trace.segments.device == device).any())
+
+
+def device_report(trace: Trace, tl: DeviceTimeline, at: str | int) -> dict:
+    index = tl.resolve_point(at)
+    live = tl.allocations.live_at(index)
+    attrs = attribute(trace, tl.allocations, live)
+    sizes = tl.allocations.size[live]
+    guessed = bool(attrs) and all(a.guessed for a in attrs)
+    times = tl.time_us[tl.time_us >= 0]
+    sl = tl.events
+    return {
+        "device": tl.device,
+        "events": tl.n_events,
+        "time_span_s": float((times.max() - times.min()) / 1e6) if len(times) else None,
+        "at": {"point": str(at), "index": index, "time_us": tl.time_at(index)},
+        "state": {
+            "allocated": tl.at(index, "allocated"),
+            "requested": tl.at(index, "requested"),
+            "reserved": tl.at(index, "reserved"),
+            "live_allocations": int(len(live)),
+            "fragmentation": tl.fragmentation(index),
+        },
+        "peak_allocated": _point(tl, tl.peak_index, "allocated"),
+        "peak_reserved": _point(tl, tl.peak_reserved_index, "reserved"),
+        "end": {"allocated": tl.at(tl.end_index, "allocated"), "requested": tl.at(tl.end_index, "requested"),
+                "reserved": tl.at(tl.end_index, "reserved"),
+                "segments": int((trace.segments.device == tl.device).sum())},
+        "trace_starts_mid_run": bool((tl.allocations.alloc_index < 0).any()),
+        "estimated_block_sizes": int((~tl.allocations.size_exact).sum()),
+        "oom_events": _ooms(trace, sl),
+        "attribution": "guessed from stack frames" if guessed else "vramtrace tags",
+        "by_owner": _group(attrs, sizes, lambda a: a.owner),
+        "by_owner_dtype": _group(attrs, sizes, lambda a: f"{a.owner} {a.dtype}"),
+        "by_module": _group(attrs, sizes, lambda a: fold_module(a.module)),
+        "by_phase": _group(attrs, sizes, lambda a: a.phase),
+        "top_stacks": _top_stacks(trace, tl, live, attrs),
+    }
+
+
+def _point(tl: DeviceTimeline, index: int, series: str) -> dict:
+    return {"bytes": tl.at(index, series), "index": index, "time_us": tl.time_at(index)}
+
+
+def _ooms(trace: Trace, sl: slice) -> list[dict]:
+    rows = np.flatnonzero(trace.action[sl] == Action.OOM)
+    return [{"index": int(i), "requested": int(trace.size[sl][i]), "device_free": int(trace.addr[sl][i]),
+             "time_us": int(trace.time_us[sl][i]) if trace.time_us[sl][i] >= 0 else None} for i in rows]
+
+
+def _group(attrs: list[Attribution], sizes: np.ndarray, key) -> list[dict]:
+    total = int(sizes.sum())
+    bytes_by: dict[str, int] = defaultdict(int)
+    count_by: dict[str, int] = defaultdict(int)
+    for a, s in zip(attrs, sizes.tolist()):
+        k = key(a)
+        bytes_by[k] += s
+        count_by[k] += 1
+    rows = sorted(bytes_by.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [{"name": k, "bytes": b, "count": count_by[k], "share": b / total if total else 0.0}
+            for k, b in rows]
+
+
+def _top_stacks(trace: Trace, tl: DeviceTimeline, live: np.ndarray, attrs: list[Attribution]) -> list[dict]:
+    bytes_by: dict[tuple, int] = defaultdict(int)
+    count_by: dict[tuple, int] = defaultdict(int)
+    example: dict[tuple, int] = {}
+    for row, a in zip(live.tolist(), attrs):
+        stack = int(tl.allocations.stack[row])
+        key = (trace.stack_key(stack), a.owner)
+        bytes_by[key] += int(tl.allocations.size[row])
+        count_by[key] += 1
+        example.setdefault(key, stack)
+    top = sorted(bytes_by.items(), key=lambda kv: -kv[1])[:TOP_STACKS]
+    return [{"bytes": b, "count": count_by[k], "owner": k[1],
+             "frames": [format_frame(f) for f in python_frames(trace.stack_frames(example[k]))][:STACK_DEPTH]}
+            for k, b in top]
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

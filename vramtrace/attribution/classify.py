@@ -1,0 +1,121 @@
+"""Who owns each live allocation: from vramtrace's tags, or guessed from stack frames.
+
+Tagged files (written by ``vramtrace record``/``simulate``) carry the owner in ``category`` and
+module/phase/dtype in ``user_metadata``. Files from plain ``_dump_snapshot`` carry only stacks,
+so the phase is guessed from well-known frames (autograd engine -> backward, torch.optim ->
+optimizer step, DataLoader -> data loading, nn.Module.__call__ -> forward); reports say so.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from vramtrace.attribution.taxonomy import UNKNOWN
+from vramtrace.replay.timeline import Allocations
+from vramtrace.trace import Frame, Trace
+
+GUESS_OPTIMIZER = "optimizer step"
+GUESS_BACKWARD = "backward"
+GUESS_FORWARD = "forward"
+GUESS_DATA = "data loading"
+GUESS_SETUP = "model setup"
+GUESS_OTHER = "other"
+GUESS_NO_STACK = "no stack recorded"
+GUESS_BEFORE = "before the trace began"
+
+# (phase, predicate on a frame) in priority order; first frame-level match wins.
+_PHASE_RULES: tuple[tuple[str, re.Pattern], ...] = (
+    (GUESS_OPTIMIZER, re.compile(r"torch[/\\]optim[/\\]|bitsandbytes[/\\]optim|zero_grad")),
+    (GUESS_BACKWARD, re.compile(r"torch[/\\]autograd[/\\]__init__|_engine_run_backward|"
+                                r"torch::autograd::Engine|autograd::.*Backward|run_backward")),
+    (GUESS_DATA, re.compile(r"torch[/\\]utils[/\\]data[/\\]")),
+    (GUESS_SETUP, re.compile(r"load_state_dict|from_pretrained|modeling_utils|"
+                             r"nn[/\\]modules[/\\]module\.py:(_apply|to|cuda)$")),
+    (GUESS_FORWARD, re.compile(r"nn[/\\]modules[/\\]module\.py:(_call_impl|_wrapped_call_impl|forward)$|"
+                               r":forward$")),
+)
+_LIBRARY = re.compile(r"[/\\](site|dist)-packages[/\\]|[/\\]lib[/\\]python3|^<frozen|[/\\]torch[/\\]")
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """The meaning of one allocation, as reports group it."""
+
+    owner: str
+    module: str
+    phase: str
+    dtype: str
+    guessed: bool
+
+
+def attribute(trace: Trace, allocs: Allocations, rows: np.ndarray) -> list[Attribution]:
+    """Attribution of each allocation row (tags where present, else a guess from frames)."""
+    by_tag: dict[int, Attribution] = {}
+    out = []
+    for tag_id, stack, start in zip(allocs.tag[rows].tolist(), allocs.stack[rows].tolist(),
+                                    allocs.alloc_index[rows].tolist()):
+        tag = trace.tag_of(tag_id)
+        if tag is not None and tag.owner:
+            a = by_tag.get(tag_id)
+            if a is None:
+                meta = tag.metadata
+                a = by_tag[tag_id] = Attribution(
+                    owner=tag.owner, module=str(meta.get("module") or "-"),
+                    phase=str(meta.get("phase") or "-"), dtype=str(meta.get("dtype") or "-"),
+                    guessed=False)
+            out.append(a)
+        else:
+            out.append(_guess(trace, stack))
+    return out
+
+
+def _guess(trace: Trace, stack: int) -> Attribution:
+    if stack < 0:
+        return Attribution(UNKNOWN, "-", GUESS_NO_STACK, "-", True)
+    return _guess_from_frames(tuple(trace.stack_frames(stack)))
+
+
+@lru_cache(maxsize=65536)
+def _guess_from_frames(frames: tuple[Frame, ...]) -> Attribution:
+    phase = guess_phase(frames)
+    return Attribution(UNKNOWN, user_frame(frames) or "-", phase, "-", True)
+
+
+def guess_phase(frames: tuple[Frame, ...] | list[Frame]) -> str:
+    """The training phase a stack belongs to, from the outermost matching rule."""
+    text = [f"{f.filename}:{f.name}" for f in frames]
+    for phase, pattern in _PHASE_RULES:
+        if any(pattern.search(t) for t in text):
+            return phase
+    return GUESS_OTHER
+
+
+def user_frame(frames: tuple[Frame, ...] | list[Frame]) -> str | None:
+    """Innermost frame outside Python's and torch's own code: where the user's code asked."""
+    for f in frames:
+        if is_python_frame(f) and not _LIBRARY.search(f.filename):
+            return f"{_short_path(f.filename)}:{f.line} {f.name}"
+    return None
+
+
+def is_python_frame(f: Frame) -> bool:
+    """stacks='all' interleaves C++ frames ('??' or .cpp/.so files) with Python ones."""
+    return f.filename.endswith(".py") or f.filename.startswith("<")
+
+
+def python_frames(frames: list[Frame]) -> list[Frame]:
+    """The Python frames of a stack, or all of it when it has none."""
+    return [f for f in frames if is_python_frame(f)] or frames
+
+
+def format_frame(f: Frame, width: int = 100) -> str:
+    text = f"{_short_path(f.filename)}:{f.line} {f.name}" if f.filename not in ("??", "") else f.name
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def _short_path(path: str) -> str:
+    parts = re.split(r"[/\\]", path)
+    return "/".join(parts[-2:]) if len(parts) > 2 else path

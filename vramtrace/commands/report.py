@@ -1,0 +1,40 @@
+"""`vramtrace report FILE`: summary and breakdowns of a snapshot at its peak (or any point)."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from vramtrace.attribution.breakdown import build_report
+from vramtrace.commands.common import POINT_HELP, UserError, open_trace, parse_point, stdout_console
+from vramtrace.render.report_markdown import render_markdown
+from vramtrace.render.report_text import render_text
+
+
+@click.command("report")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--device", "-d", type=int, default=None, help="Only this CUDA device (default: every device with data).")
+@click.option("--at", "at", default="peak", show_default=True, help=POINT_HELP)
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "md"]), default="text", show_default=True,
+              help="text: tables for a terminal; json: stable machine-readable (docs/report-json.md); md: Markdown.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+def report_command(file: str, device: int | None, at: str, fmt: str, quiet: bool) -> None:
+    """Where the memory went: peak and end figures, fragmentation, OOMs, and who owned the
+    bytes at the chosen point (by owner, dtype, module, phase) with the top stacks.
+
+    Files recorded by vramtrace carry owner tags; plain PyTorch snapshots get a best-effort
+    phase guess from their stack frames, marked as such."""
+    trace = open_trace(file, quiet)
+    point = parse_point(at)
+    if device is not None and not 0 <= device < trace.n_devices:
+        raise UserError(f"{file}: no device {device} (the file has {trace.n_devices})")
+    try:
+        report = build_report(trace, point, None if device is None else [device])
+    except ValueError as exc:
+        raise UserError(f"{file}: {exc}") from None
+    if fmt == "json":
+        click.echo(json.dumps(report, indent=1))
+    elif fmt == "md":
+        click.echo(render_markdown(report))
+    else:
+        render_text(report, stdout_console())

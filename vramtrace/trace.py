@@ -1,0 +1,309 @@
+"""The Trace model: one loaded snapshot as columnar arrays, shared by every analysis.
+
+Built once per file from the normalised snapshot dict; no analysis reads the raw dicts.
+Events of all devices are concatenated device by device (``device_slice`` gives one device's
+range, in chronological order). Frames and stacks are interned once: an event's ``stack`` is
+an index into the StackTable, which turns it into frames and interned stack keys on demand,
+and ``tag`` an index into ``tags`` (category, user_metadata, compile_context); -1 where absent.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from enum import IntEnum
+from functools import cached_property
+from typing import Any, Callable, NamedTuple
+
+import numpy as np
+
+from vramtrace.snapshot.load import SnapshotError, load_snapshot
+
+
+class Action(IntEnum):
+    ALLOC = 0
+    FREE_REQUESTED = 1
+    FREE_COMPLETED = 2
+    SEGMENT_ALLOC = 3
+    SEGMENT_FREE = 4
+    SEGMENT_MAP = 5
+    SEGMENT_UNMAP = 6
+    SNAPSHOT = 7
+    OOM = 8
+    ANNOTATE = 9
+
+
+ACTION_CODES = {a.name.lower(): a.value for a in Action}
+ACTION_NAMES = [a.name.lower() for a in Action]
+
+
+class BlockState(IntEnum):
+    INACTIVE = 0
+    ACTIVE_ALLOCATED = 1
+    ACTIVE_PENDING_FREE = 2
+
+
+STATE_CODES = {s.name.lower(): s.value for s in BlockState}
+
+
+class Frame(NamedTuple):
+    name: str
+    filename: str
+    line: int
+
+
+class Tag(NamedTuple):
+    """What the recorder said about an allocation: owner in ``category``, detail as JSON."""
+
+    category: str | None
+    user_metadata: str | None
+    compile_context: str | None
+
+    @property
+    def metadata(self) -> dict:
+        if not self.user_metadata:
+            return {}
+        try:
+            value = json.loads(self.user_metadata)
+        except ValueError:
+            return {"text": self.user_metadata}
+        return value if isinstance(value, dict) else {"text": self.user_metadata}
+
+    @property
+    def owner(self) -> str | None:
+        return self.category or self.metadata.get("owner")
+
+
+@dataclass
+class SegmentTable:
+    """Final allocator segments, one row each, in file order."""
+
+    device: np.ndarray
+    address: np.ndarray
+    total_size: np.ndarray
+    stream: np.ndarray
+    is_large: np.ndarray
+    is_expandable: np.ndarray
+    first_block: np.ndarray
+    n_blocks: np.ndarray
+
+
+@dataclass
+class BlockTable:
+    """Final allocator blocks, one row each; ``segment`` indexes SegmentTable."""
+
+    segment: np.ndarray
+    address: np.ndarray
+    size: np.ndarray
+    requested_size: np.ndarray
+    state: np.ndarray
+    stack: np.ndarray
+
+    @property
+    def active(self) -> np.ndarray:
+        return self.state != BlockState.INACTIVE
+
+
+@dataclass
+class Trace:
+    """One snapshot file, loaded."""
+
+    path: str
+    n_devices: int
+    action: np.ndarray
+    addr: np.ndarray          # for OOM events: the device's free bytes (``device_free``)
+    size: np.ndarray
+    stream: np.ndarray
+    time_us: np.ndarray       # -1 where the file has no timestamps
+    device: np.ndarray
+    stack: np.ndarray
+    tag: np.ndarray
+    segments: SegmentTable
+    blocks: BlockTable
+    stack_table: "StackTable"
+    tags: list[Tag]
+    settings: dict
+    annotations: list[dict]
+    extras: dict = field(default_factory=dict)   # other top-level keys (e.g. vramtrace_nvml)
+
+    @classmethod
+    def from_snapshot(cls, snap: dict, path: str = "<memory>") -> "Trace":
+        return _TraceBuilder(snap, path).build()
+
+    @cached_property
+    def _device_bounds(self) -> np.ndarray:
+        return np.searchsorted(self.device, np.arange(self.n_devices + 1), side="left")
+
+    def device_slice(self, device: int) -> slice:
+        bounds = self._device_bounds
+        return slice(int(bounds[device]), int(bounds[device + 1]))
+
+    @property
+    def n_events(self) -> int:
+        return len(self.action)
+
+    @property
+    def has_time(self) -> bool:
+        return bool(len(self.time_us)) and bool((self.time_us >= 0).all())
+
+    def stack_frames(self, stack: int) -> list[Frame]:
+        """Frames (innermost first) of an event's or block's ``stack`` value."""
+        return self.stack_table.frames_of(stack) if stack >= 0 else []
+
+    def stack_key(self, stack: int) -> int:
+        """Interned id of a ``stack`` value: equal frame sequences get equal keys (-1: none)."""
+        return self.stack_table.key(stack) if stack >= 0 else -1
+
+    def tag_of(self, tag_id: int) -> Tag | None:
+        return self.tags[tag_id] if tag_id >= 0 else None
+
+    @property
+    def has_tags(self) -> bool:
+        return any(t.owner for t in self.tags)
+
+
+def load_trace(path: str | os.PathLike,
+               progress: Callable[[int, int], None] | None = None) -> Trace:
+    """Load a snapshot file of any era into a Trace (raises SnapshotError on bad input)."""
+    snap = load_snapshot(path, progress)
+    return Trace.from_snapshot(snap, str(path))
+
+
+class StackTable:
+    """Stacks as the file holds them, interned into frames only when an analysis asks.
+
+    Interning every frame of every event costs several times the file's load time, while
+    reports look at the stacks of a few live allocations; so raw frame lists are kept (pickle
+    already shares their frame dicts) and converted once each, on first use.
+    """
+
+    def __init__(self) -> None:
+        self._raw: list[list] = []
+        self._keys: dict[int, int] = {}
+        self._frame_ids: dict[tuple, int] = {}
+        self._stack_ids: dict[tuple[int, ...], int] = {}
+        self.frames: list[Frame] = []
+        self.stacks: list[tuple[int, ...]] = []
+
+    def __len__(self) -> int:
+        return len(self._raw)
+
+    def add(self, frames: list) -> int:
+        if not isinstance(frames, list):
+            raise SnapshotError("'frames' is not a list")
+        self._raw.append(frames)
+        return len(self._raw) - 1
+
+    def add_frames(self, frames: list[Frame]) -> int:
+        """Add an already parsed stack (used by writers that build traces in memory)."""
+        return self.add([{"name": f.name, "filename": f.filename, "line": f.line} for f in frames])
+
+    def key(self, raw: int) -> int:
+        sid = self._keys.get(raw)
+        if sid is None:
+            ids = tuple(self._intern_frame(f) for f in self._raw[raw])
+            sid = self._stack_ids.setdefault(ids, len(self.stacks))
+            if sid == len(self.stacks):
+                self.stacks.append(ids)
+            self._keys[raw] = sid
+        return sid
+
+    def frames_of(self, raw: int) -> list[Frame]:
+        return [self.frames[f] for f in self.stacks[self.key(raw)]]
+
+    def raw(self, raw: int) -> list:
+        return self._raw[raw]
+
+    def _intern_frame(self, f: Any) -> int:
+        try:
+            key = (f["name"], f["filename"], f["line"])
+        except (TypeError, KeyError):
+            raise SnapshotError("a stack frame lacks name/filename/line") from None
+        fid = self._frame_ids.get(key)
+        if fid is None:
+            name, filename, line = key
+            if not isinstance(name, str) or not isinstance(filename, str) or not isinstance(line, int):
+                raise SnapshotError("a stack frame has a non-text name/filename or non-integer line")
+            fid = self._frame_ids[key] = len(self.frames)
+            self.frames.append(Frame(name, filename, line))
+        return fid
+
+
+class _TraceBuilder:
+    """Interns frames, stacks and tags while turning event dicts into columns."""
+
+    def __init__(self, snap: dict, path: str):
+        self.snap, self.path = snap, path
+        self.stack_table = StackTable()
+        self.tag_ids: dict[Tag, int] = {}
+        self.tags: list[Tag] = []
+
+    def build(self) -> Trace:
+        snap = self.snap
+        traces = snap["device_traces"]
+        columns = [self._event_columns(d, t) for d, t in enumerate(traces)]
+        cat = (lambda i, dtype: np.concatenate([c[i] for c in columns]).astype(dtype, copy=False)
+               if columns else np.zeros(0, dtype))
+        segments, blocks = self._final_state(snap["segments"])
+        extras = {k: v for k, v in snap.items()
+                  if k not in ("segments", "device_traces", "allocator_settings", "external_annotations")}
+        return Trace(
+            path=self.path, n_devices=len(traces),
+            action=cat(0, np.int8), addr=cat(1, np.int64), size=cat(2, np.int64),
+            stream=cat(3, np.int64), time_us=cat(4, np.int64), device=cat(5, np.int16),
+            stack=cat(6, np.int32), tag=cat(7, np.int32),
+            segments=segments, blocks=blocks, stack_table=self.stack_table, tags=self.tags, settings=snap.get("allocator_settings") or {},
+            annotations=snap.get("external_annotations") or [], extras=extras)
+
+    def _event_columns(self, device: int, events: list[dict]) -> list[np.ndarray]:
+        n = len(events)
+        codes = ACTION_CODES
+        try:
+            action = np.fromiter((codes[e["action"]] for e in events), np.int8, n)
+            addr = np.fromiter((e["addr"] if "addr" in e else e.get("device_free", 0) for e in events),
+                               np.int64, n)
+            size = np.fromiter((e.get("size", 0) for e in events), np.int64, n)
+            stream = np.fromiter((e.get("stream", 0) for e in events), np.int64, n)
+            time_us = np.fromiter((e.get("time_us", -1) for e in events), np.int64, n)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise SnapshotError(f"device {device}: malformed event field ({exc})") from None
+        stack = np.fromiter((self._stack(e.get("frames")) for e in events), np.int32, n)
+        tag = np.fromiter((self._tag(e) for e in events), np.int32, n)
+        return [action, addr, size, stream, time_us, np.full(n, device, np.int16), stack, tag]
+
+    def _stack(self, frames: Any) -> int:
+        return self.stack_table.add(frames) if frames else -1
+
+    def _tag(self, e: dict) -> int:
+        category = e.get("category")
+        meta = e.get("user_metadata") or None
+        ctx = e.get("compile_context")
+        ctx = None if ctx in (None, "", "N/A") else ctx
+        if category is None and meta is None and ctx is None:
+            return -1
+        tag = Tag(category if isinstance(category, str) else None,
+                  meta if isinstance(meta, str) else None,
+                  ctx if isinstance(ctx, str) else None)
+        tid = self.tag_ids.get(tag)
+        if tid is None:
+            tid = self.tag_ids[tag] = len(self.tags)
+            self.tags.append(tag)
+        return tid
+
+    def _final_state(self, segments: list[dict]) -> tuple[SegmentTable, BlockTable]:
+        seg_rows, block_rows = [], []
+        for i, seg in enumerate(segments):
+            blocks = seg["blocks"]
+            seg_rows.append((seg.get("device", 0), seg["address"], seg["total_size"],
+                             seg.get("stream", 0), seg.get("segment_type", "large") == "large",
+                             bool(seg.get("is_expandable", False)), len(block_rows), len(blocks)))
+            for b in blocks:
+                block_rows.append((i, b["address"], b["size"], b.get("requested_size", 0),
+                                   STATE_CODES[b["state"]], self._stack(b.get("frames"))))
+        seg_cols = list(zip(*seg_rows)) if seg_rows else [()] * 8
+        blk_cols = list(zip(*block_rows)) if block_rows else [()] * 6
+        segs = SegmentTable(*[np.array(c, dtype=t) for c, t in zip(
+            seg_cols, (np.int16, np.int64, np.int64, np.int64, bool, bool, np.int64, np.int64))])
+        blks = BlockTable(*[np.array(c, dtype=t) for c, t in zip(
+            blk_cols, (np.int64, np.int64, np.int64, np.int64, np.int8, np.int32))])
+        return segs, blks
