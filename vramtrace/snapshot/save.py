@@ -1,0 +1,75 @@
+"""Write snapshot files that PyTorch's memory visualizer and torch.cuda._memory_viz open.
+
+MemoryViz.js unpickles protocols 2-4 of plain types only, breaks on numpy scalars, sets and
+bytes, and crashes when events carry ``category`` but none is ``'unknown'`` (a typo in its
+annotate_snapshot). Files are written atomically (temp file + rename) so a crash mid-write
+never leaves a truncated snapshot behind.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from vramtrace.attribution.taxonomy import UNKNOWN
+
+PROTOCOL = 4   # MemoryViz accepts 2-4; Python 3.14 defaults to 5
+
+
+def plain(value: Any) -> Any:
+    """Copy ``value`` with only dict/list/str/int/float/bool/None (numpy scalars -> Python)."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, (str, bool, type(None))):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return float(value)
+    if hasattr(value, "item"):          # numpy / torch scalars
+        return plain(value.item())
+    raise TypeError(f"cannot store {type(value).__name__} in a snapshot")
+
+
+def ensure_unknown_category(snap: dict) -> None:
+    """If any event has a category, make sure one of them is 'unknown' (viewer crash otherwise).
+
+    The marker goes on the first ``snapshot``/``alloc`` event that has no category of its own,
+    else a zero-byte ``snapshot`` event is appended to the first device with a trace."""
+    traces = snap.get("device_traces") or []
+    cats = {e.get("category") for t in traces for e in t if "category" in e}
+    if not cats or UNKNOWN in cats:
+        return
+    for trace in traces:
+        for event in trace:
+            if "category" not in event:
+                event["category"] = UNKNOWN
+                return
+    for trace in traces:
+        if trace:
+            last = trace[-1]
+            trace.append({"action": "snapshot", "addr": 0, "size": 0, "stream": 0,
+                          "time_us": last.get("time_us", 0), "category": UNKNOWN})
+            return
+
+
+def write_snapshot(snap: dict, path: str | os.PathLike) -> Path:
+    """Atomically write ``snap`` as a protocol-4 pickle of plain types; returns the path."""
+    path = Path(path)
+    data = plain(snap)
+    ensure_unknown_category(data)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            pickle.dump(data, fh, protocol=PROTOCOL)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
