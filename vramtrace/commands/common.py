@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import click
 from rich.console import Console
@@ -24,10 +26,22 @@ class UserError(click.ClickException):
         click.echo(f"vramtrace: error: {self.format_message()}", err=True, file=file)
 
 
+@contextmanager
+def reading(path: str | os.PathLike) -> Iterator[None]:
+    """Turn problems found in a file (also those found late, e.g. a malformed stack frame met
+    while rendering) into the one-line error that names the file."""
+    try:
+        yield
+    except SnapshotError as exc:
+        raise UserError(f"{path}: {exc}") from None
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+
+
 def open_trace(path: str | os.PathLike, quiet: bool = False) -> Trace:
     """Load a trace, with a progress bar for large files unless ``quiet``."""
     path = Path(path)
-    try:
+    with reading(path):
         size = path.stat().st_size if path.exists() else 0
         if quiet or size < PROGRESS_MIN_BYTES:
             return load_trace(path)
@@ -35,10 +49,6 @@ def open_trace(path: str | os.PathLike, quiet: bool = False) -> Trace:
                       TimeRemainingColumn(), console=Console(stderr=True), transient=True) as bar:
             task = bar.add_task(path.name, total=size)
             return load_trace(path, progress=lambda done, total: bar.update(task, completed=done))
-    except SnapshotError as exc:
-        raise UserError(f"{path}: {exc}") from None
-    except FileNotFoundError:
-        raise UserError(f"{path}: no such file") from None
 
 
 def stdout_console() -> Console:

@@ -6,7 +6,7 @@ import json
 import click
 
 from vramtrace.attribution.breakdown import build_report
-from vramtrace.commands.common import POINT_HELP, UserError, open_trace, parse_point, stdout_console
+from vramtrace.commands.common import POINT_HELP, UserError, open_trace, parse_point, reading, stdout_console
 from vramtrace.render.report_markdown import render_markdown
 from vramtrace.render.report_text import render_text
 
@@ -29,7 +29,8 @@ def report_command(file: str, device: int | None, at: str, fmt: str, quiet: bool
     if device is not None and not 0 <= device < trace.n_devices:
         raise UserError(f"{file}: no device {device} (the file has {trace.n_devices})")
     try:
-        report = build_report(trace, point, None if device is None else [device])
+        with reading(file):
+            report = build_report(trace, point, None if device is None else [device])
     except ValueError as exc:
         raise UserError(f"{file}: {exc}") from None
     if fmt == "json":

@@ -1,0 +1,34 @@
+"""Shared test fixtures: the real snapshots in ../shared (skipped cleanly where absent)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+REAL_SNAPSHOTS = SHARED / "fixtures" / "real-snapshots"
+VALIDATOR = SHARED / "tools" / "validate_memviz.py"
+
+
+def real_snapshot_files() -> list[Path]:
+    if not REAL_SNAPSHOTS.is_dir():
+        return []
+    return sorted(p for p in REAL_SNAPSHOTS.glob("*/*") if p.is_file() and p.suffix != ".md")
+
+
+def real_snapshot_params() -> list:
+    files = real_snapshot_files()
+    if not files:
+        return [pytest.param(None, marks=pytest.mark.skip(reason="../shared/fixtures/real-snapshots is absent"))]
+    return [pytest.param(p, id=f"{p.parent.name[:18]}/{p.name[:28]}") for p in files]
+
+
+def validate_memviz(*paths: Path) -> None:
+    """Run PyTorch-viewer rule checker on written files; skip where ../shared is absent."""
+    if not VALIDATOR.is_file():
+        pytest.skip("../shared/tools/validate_memviz.py is absent")
+    out = subprocess.run([sys.executable, str(VALIDATOR), *map(str, paths)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
