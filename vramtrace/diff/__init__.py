@@ -1,0 +1,1 @@
+"""Compare runs by meaning (owner x module x phase at comparable points) and merge ranks."""

@@ -1,0 +1,98 @@
+"""Comparable points of a run: where two runs are looked at side by side.
+
+Event indices mean nothing across runs, so runs are compared at points with the same meaning:
+each run's own peak, its end, the end of the first forward pass, the end of backward just before
+the first optimizer step, and the state after that step. The phase points come from the phase that
+vramtrace's tags stamp on each allocation (its creation context); files without tags get the
+phase guessed from the allocation's stack frames, and where neither finds the point it falls
+back to the peak (forward, backward) or the end (optimizer), marked as such.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from vramtrace.attribution.classify import GUESS_OPTIMIZER, guess_phase
+from vramtrace.replay.timeline import DeviceTimeline
+from vramtrace.trace import Action, Trace
+
+PEAK, END, FORWARD, BACKWARD, OPTIMIZER = "peak", "end", "forward", "backward", "optimizer"
+POINTS: tuple[str, ...] = (PEAK, FORWARD, BACKWARD, OPTIMIZER, END)
+POINT_LABELS = {PEAK: "each run's peak", FORWARD: "end of the first forward pass",
+                BACKWARD: "end of backward, before the first optimizer step", OPTIMIZER: "after the first optimizer step",
+                END: "end of the trace"}
+
+# phase codes per alloc event
+_NONE, _SETUP, _FWD, _BWD, _OPT = 0, 1, 2, 3, 4
+_PHASE_CODE = {"forward": _FWD, "recompute": _BWD, "backward": _BWD, "optimizer": _OPT,
+               GUESS_OPTIMIZER: _OPT, "setup": _SETUP, "input": _SETUP}
+
+
+@dataclass(frozen=True)
+class Point:
+    """A resolved point: the event index in one device timeline, and how it was found."""
+
+    name: str
+    index: int
+    fallback: bool      # True when the phase could not be found and peak/end stands in
+
+
+def resolve(trace: Trace, tl: DeviceTimeline, name: str) -> Point:
+    """The event index of point ``name`` (one of POINTS) in a device timeline."""
+    if name == PEAK:
+        return Point(name, tl.peak_index, False)
+    if name == END:
+        return Point(name, tl.end_index, False)
+    if name not in POINTS:
+        raise ValueError(f"unknown point {name!r} (one of {', '.join(POINTS)})")
+    found = _phase_points(trace, tl).get(name)
+    if found is not None:
+        return Point(name, found, False)
+    return Point(name, tl.end_index if name == OPTIMIZER else tl.peak_index, True)
+
+
+def _phase_points(trace: Trace, tl: DeviceTimeline) -> dict[str, int]:
+    """End of first forward/backward and after the first optimizer step, from alloc phases."""
+    sl = tl.events
+    allocs = np.flatnonzero(trace.action[sl] == Action.ALLOC)
+    phase, step = _alloc_phases(trace, sl, allocs)
+    out: dict[str, int] = {}
+    bwd = np.flatnonzero(phase == _BWD)
+    if not len(bwd) or not (phase[:bwd[0]] == _FWD).any():
+        return out
+    b0 = int(bwd[0])
+    out[FORWARD] = int(allocs[b0]) - 1
+    opt = np.flatnonzero((phase == _OPT) & (np.arange(len(phase)) > b0))
+    if not len(opt):
+        return out
+    o0 = int(opt[0])
+    out[BACKWARD] = int(allocs[o0]) - 1
+    # the step ends at the next allocation of a later step or of a new forward/backward
+    after = np.arange(len(phase)) > o0
+    nxt = np.flatnonzero(after & ((np.isin(phase, (_FWD, _BWD, _SETUP))) | (step > step[o0])))
+    out[OPTIMIZER] = int(allocs[nxt[0]]) - 1 if len(nxt) else tl.end_index
+    return out
+
+
+def _alloc_phases(trace: Trace, sl: slice, allocs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Phase code and optimizer step of each alloc event (tag, else a guess from its stack)."""
+    tag_phase = np.array([_PHASE_CODE.get(str(t.metadata.get("phase")), _NONE) if t.owner else _NONE
+                          for t in trace.tags] + [_NONE], np.int8)
+    tag_step = np.array([_int(t.metadata.get("step")) for t in trace.tags] + [-1], np.int64)
+    tags = trace.tag[sl][allocs]
+    phase = tag_phase[tags]          # tag -1 picks the trailing _NONE
+    step = tag_step[tags]
+    stacks = trace.stack[sl][allocs]
+    guess: dict[int, int] = {}
+    for k in np.flatnonzero((phase == _NONE) & (stacks >= 0)):
+        key = trace.stack_key(int(stacks[k]))
+        code = guess.get(key)
+        if code is None:
+            code = guess[key] = _PHASE_CODE.get(guess_phase(trace.stack_frames(int(stacks[k]))), _NONE)
+        phase[k] = code
+    return phase, step
+
+
+def _int(value: object) -> int:
+    return value if isinstance(value, int) else -1
