@@ -1,0 +1,286 @@
+"""CUDA capture backend: PyTorch's own allocator history, tagged with vramtrace owners.
+
+Recording uses ``torch.cuda.memory._record_memory_history`` (DESIGN §4) and is *armed*, not
+forced: it begins when the program initialises CUDA (``torch.cuda._lazy_call``), so recording a
+process that never uses the GPU neither creates a CUDA context nor poisons ``fork``.
+
+Tags: the tagging context's thread-local context string is stamped with
+``_set_memory_metadata`` on every context change; roles learned later arrive as ``retag`` calls
+(a live tensor and its new tag). Those are noted here with the storage address and the time and,
+at dump time, joined to the allocation that was live at that address at that time, i.e. to the
+alloc event's identity, never to whatever occupies the address at dump time. Where torch has
+``_annotate_tensor`` (2.14+) the re-tag is also recorded natively. The snapshot is then
+post-processed for PyTorch's viewer: each event's ``category`` is the owner (one of the
+taxonomy's 9 owners or ``unknown``; frees and annotate events take their allocation's owner),
+``user_metadata`` keeps the detail as JSON.
+
+An OOM observer dumps through a callback before the OOM error is raised, so the file shows what
+filled the card even if the process then dies. Everything here is a no-op without CUDA.
+"""
+from __future__ import annotations
+
+import bisect
+import collections
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from vramtrace.attribution import taxonomy as tx
+from vramtrace.capture.nvml import NvmlSampler
+from vramtrace.capture.tagging import OWNER_PRIORITY, Tag, TaggingContext, set_cuda_memory_metadata
+
+DEFAULT_MAX_ENTRIES = 1_000_000
+STACKS = ("python", "all")
+_FREES = ("free_requested", "free_completed")
+
+
+def cuda_usable() -> bool:
+    """Whether this process can use a CUDA device, asked without initialising CUDA where
+    possible (NVML count, honouring CUDA_VISIBLE_DEVICES), so the answer does not poison fork."""
+    if not torch.cuda._is_compiled():
+        return False
+    if torch.cuda.is_initialized():
+        return torch.cuda.device_count() > 0
+    count_nvml = getattr(torch.cuda, "_device_count_nvml", None)
+    count = count_nvml() if count_nvml is not None else -1
+    return count > 0 if count >= 0 else torch.cuda.is_available()
+
+
+@dataclass(frozen=True)
+class _Retag:
+    time_us: int
+    device: int
+    addr: int
+    metadata: str
+
+
+# torch has no way to detach an OOM observer: one is attached per process and forwards to the
+# backend currently recording.
+_oom_target: "CudaBackend | None" = None
+_oom_attached = False
+
+
+def _oom_observer(device: int, alloc: int, device_allocated: int, device_free: int) -> None:
+    target = _oom_target
+    if target is None:
+        return
+    try:
+        target.on_oom()
+    except Exception as exc:  # the program's own OOM error must surface, not ours
+        print(f"vramtrace: could not dump the snapshot at the out-of-memory error: {exc}", file=sys.stderr)
+
+
+def _dump_current_recording() -> None:
+    """Default OOM action: write the in-process recording's file now (it is rewritten at stop)."""
+    from vramtrace.capture import recorder
+    if recorder.is_recording():
+        recorder.dump()
+
+
+class CudaBackend:
+    """Records one process's CUDA allocator history; a ``TagListener`` for ``TaggingContext``."""
+
+    name = "cuda"
+
+    def __init__(self, stacks: str | None = "python", max_entries: int | None = DEFAULT_MAX_ENTRIES,
+                 on_oom: Callable[[], None] | None = None, nvml_interval_s: float = 0.1) -> None:
+        if stacks not in (*STACKS, None):
+            raise ValueError(f"stacks must be one of {STACKS} or None, not {stacks!r}")
+        if max_entries is not None and max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.stacks = stacks
+        self.max_entries = DEFAULT_MAX_ENTRIES if max_entries is None else max_entries
+        self.on_oom = on_oom or _dump_current_recording
+        self.ctx = TaggingContext(self)
+        self.started = False           # recording really began (CUDA initialised)
+        self._armed = False
+        self._final: dict | None = None
+        self._retags: collections.deque[_Retag] = collections.deque(maxlen=self.max_entries)
+        self._annotate = getattr(torch.cuda.memory, "_annotate_tensor", None)
+        self._nvml = NvmlSampler(nvml_interval_s)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Install the tagging hooks and arm recording: it begins when CUDA initialises, at
+        once if it already has."""
+        if self._armed:
+            return
+        self._armed = True
+        self._final = None
+        self.ctx.install()
+        if torch.cuda._is_compiled():
+            torch.cuda._lazy_call(self._enable)
+
+    def _enable(self) -> None:
+        global _oom_target, _oom_attached
+        if not self._armed or self.started:
+            return
+        torch.cuda.memory._record_memory_history(
+            enabled="all", context="all" if self.stacks else None, stacks=self.stacks or "python",
+            max_entries=self.max_entries)
+        self.started = True
+        _oom_target = self
+        if not _oom_attached:
+            torch._C._cuda_attach_out_of_memory_observer(_oom_observer)
+            _oom_attached = True
+        set_cuda_memory_metadata(self.ctx.context_json())
+        self._nvml.start(_device_uuids())
+
+    def snapshot(self) -> dict:
+        """The allocator's snapshot so far, post-processed for the viewer; after ``stop()`` the
+        final one; empty if the process never used CUDA."""
+        if self._final is not None:
+            return self._final
+        if not self.started:
+            return {"segments": [], "device_traces": []}
+        self.ctx.sweep()
+        self._nvml.sample()
+        snap = finalize(torch.cuda.memory._snapshot(), list(self._retags))
+        snap["vramtrace_nvml"] = self._nvml.samples()
+        return snap
+
+    def stop(self) -> None:
+        """Keep the final snapshot, then recording off (its buffer freed), hooks removed and
+        the sampler stopped."""
+        global _oom_target
+        if not self._armed:
+            return
+        self._final = self.snapshot()
+        self._armed = False
+        if self.started:
+            set_cuda_memory_metadata("")
+            torch.cuda.memory._record_memory_history(enabled=None)
+            self.started = False
+        if _oom_target is self:
+            _oom_target = None
+        self.ctx.uninstall()
+        self._nvml.stop()
+
+    # -- TagListener ---------------------------------------------------------------------------
+    def context_changed(self, ctx: TaggingContext) -> None:
+        if self.started:
+            set_cuda_memory_metadata(ctx.context_json())
+
+    def retag(self, tensor: torch.Tensor, tag: Tag) -> None:
+        if not self.started or tensor.device.type != "cuda":
+            return
+        try:
+            addr = tensor.untyped_storage().data_ptr()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. sparse, fake)
+            return
+        metadata = sys.intern(tag.to_json())
+        self._retags.append(_Retag(time.time_ns() // 1000, tensor.device.index or 0, addr, metadata))
+        if self._annotate is not None:
+            try:
+                self._annotate(tensor, metadata)
+            except (RuntimeError, TypeError):  # an older or different signature: ours suffices
+                self._annotate = None
+
+
+def _device_uuids() -> list[str] | None:
+    """UUIDs of the CUDA devices (to match NVML's devices); None where torch cannot say."""
+    try:
+        return [str(torch.cuda.get_device_properties(i).uuid) for i in range(torch.cuda.device_count())]
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def _metadata(text: Any) -> dict:
+    if not isinstance(text, str) or not text.startswith("{"):
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _owner(meta: dict) -> str:
+    owner = meta.get("owner")
+    return owner if owner in tx.OWNERS else tx.UNKNOWN
+
+
+def _merge(alloc_meta: dict, retag_meta: dict) -> dict:
+    """The allocation's tag after a re-tag: the new role (owner, param, dtype, shape); when and
+    where it was allocated (phase, step, module) stay, unless unknown."""
+    merged = dict(alloc_meta)
+    for key, value in retag_meta.items():
+        if key in ("phase", "step", "module") and alloc_meta.get(key) not in (None, ""):
+            continue
+        if value not in ("", None, []):
+            merged[key] = value
+    return merged
+
+
+def finalize(snap: dict, retags: list[_Retag]) -> dict:
+    """Set ``category`` (owner) on every trace event and fold re-tags into their allocations.
+
+    Walks each device's trace in order keeping the alloc event live at each address; a re-tag
+    at time t applies to the allocation live at its address at t, if its owner's priority is at
+    least the current one (``tagging.OWNER_PRIORITY``). Frees take their allocation's owner;
+    segment, snapshot and oom events are ``unknown``. Mutates and returns ``snap``."""
+    by_device: dict[int, list[_Retag]] = collections.defaultdict(list)
+    for r in retags:
+        by_device[r.device].append(r)
+    for device, trace in enumerate(snap.get("device_traces", [])):
+        pending = sorted(by_device.get(device, []), key=lambda r: r.time_us)
+        times = [r.time_us for r in pending]
+        _finalize_device(trace, pending, times)
+    return snap
+
+
+def _finalize_device(trace: list[dict], pending: list[_Retag], times: list[int]) -> None:
+    live: dict[int, dict] = {}      # addr -> alloc event
+    meta: dict[int, dict] = {}      # id(alloc event) -> current tag
+    done = 0
+
+    def apply(upto: int) -> None:
+        nonlocal done
+        for r in pending[done:upto]:
+            event = live.get(r.addr)
+            if event is None:
+                continue
+            new = _metadata(r.metadata)
+            cur = meta[id(event)]
+            if OWNER_PRIORITY.get(_owner(new), 0) >= OWNER_PRIORITY.get(_owner(cur), 0):
+                meta[id(event)] = _merge(cur, new)
+        done = max(done, upto)
+
+    for event in trace:
+        t = event.get("time_us")
+        if t is not None:
+            apply(bisect.bisect_left(times, t))
+        action = event.get("action")
+        addr = event.get("addr")
+        if action == "alloc":
+            live[addr] = event
+            meta[id(event)] = _metadata(event.get("user_metadata"))
+        elif action in _FREES or action == "annotate":
+            alloc = live.get(addr)
+            if action == "annotate" and alloc is not None:
+                own = _metadata(event.get("user_metadata"))
+                if OWNER_PRIORITY.get(_owner(own), 0) >= OWNER_PRIORITY.get(_owner(meta[id(alloc)]), 0):
+                    meta[id(alloc)] = _merge(meta[id(alloc)], own)
+            event["_alloc"] = alloc
+            if action == "free_completed":
+                live.pop(addr, None)
+        else:
+            event["category"] = tx.UNKNOWN
+    apply(len(pending))
+    for event in trace:
+        action = event.get("action")
+        if action == "alloc":
+            tag = meta.get(id(event), {})
+            event["category"] = _owner(tag)
+            if tag:
+                event["user_metadata"] = json.dumps(tag, separators=(",", ":"))
+        elif "_alloc" in event:
+            alloc = event.pop("_alloc")
+            tag = meta.get(id(alloc), {}) if alloc is not None else {}
+            event["category"] = _owner(tag)
+            if action == "annotate" and tag:
+                event["user_metadata"] = json.dumps(tag, separators=(",", ":"))
