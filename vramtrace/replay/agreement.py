@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from vramtrace.trace import ACTION_NAMES, BlockState, Trace
 from vramtrace.replay.allocator import (
@@ -241,7 +241,7 @@ def _start_block_size(requested: int, room: int, small: bool, settings: Allocato
     that gap is too small to be a block of its own (the allocator did not split)."""
     size = round_size(requested, settings)
     if small or size > room:
-        return min(size, room) if size > room else size
+        return size
     gap = room - size
     limit = settings.split_limit
     if gap <= K_SMALL_SIZE or (size >= limit and gap < settings.max_non_split_rounding):

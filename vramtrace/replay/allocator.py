@@ -37,10 +37,9 @@ The rules follow the C++ source, not its comments:
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
-KB = 1024
 MB = 1024 * 1024
 K_MIN_BLOCK = 512
 K_SMALL_SIZE = 1 * MB
