@@ -1,0 +1,77 @@
+"""`vramtrace report` end to end: formats, points, devices, and figures from the file."""
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+from click.testing import CliRunner
+
+import snapshots as S
+from conftest import real_snapshot_files
+from vramtrace.cli import cli
+
+
+@pytest.fixture
+def tagged_file(tmp_path):
+    path = tmp_path / "tagged.pkl"
+    path.write_bytes(pickle.dumps(S.tagged(), protocol=4))
+    return path
+
+
+def run(*args):
+    result = CliRunner().invoke(cli, list(map(str, args)), catch_exceptions=False)
+    return result
+
+
+def test_json_report_figures(tagged_file):
+    result = run("report", tagged_file, "--format", "json")
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    dev = report["devices"][0]
+    assert report["schema"] == 1
+    assert dev["peak_allocated"] == {"bytes": S.MODERN_PEAK_ALLOCATED, "index": 2, "time_us": 1002}
+    assert dev["end"] == {"allocated": 1024, "requested": 1000, "reserved": 2 * S.MIB, "segments": 1}
+    assert dev["state"]["fragmentation"] == {"internal": 5120 - 5000, "external": 2 * S.MIB - 5120}
+    assert [(r["name"], r["bytes"]) for r in dev["by_owner_dtype"]] == [("activation bf16", 4096), ("weight int8", 1024)]
+
+
+def test_at_end_and_at_index(tagged_file):
+    end = json.loads(run("report", tagged_file, "--format", "json", "--at", "end").stdout)["devices"][0]
+    assert [(r["name"], r["bytes"]) for r in end["by_owner"]] == [("weight", 1024)]
+    first = json.loads(run("report", tagged_file, "--format", "json", "--at", "0").stdout)["devices"][0]
+    assert first["state"]["allocated"] == 0 and first["state"]["reserved"] == 2 * S.MIB
+
+
+def test_bad_point_and_device_are_clean_errors(tagged_file):
+    r = run("report", tagged_file, "--at", "99")
+    assert r.exit_code == 2 and "out of range" in r.stderr
+    r = run("report", tagged_file, "--device", "3")
+    assert r.exit_code == 2 and r.stderr.startswith(f"vramtrace: error: {tagged_file}: no device 3")
+    r = run("report", tagged_file, "--at", "middle")
+    assert r.exit_code == 2
+
+
+def test_text_and_markdown_name_the_owners(tagged_file):
+    text = run("report", tagged_file).stdout
+    assert "activation" in text and "4.00 KiB" in text and "model.layers.*.q_proj" in text
+    md = run("report", tagged_file, "--format", "md").stdout
+    assert md.startswith("# vramtrace report") and "| `activation` | 4.00 KiB |" in md
+
+
+def test_untagged_report_says_it_guesses():
+    files = real_snapshot_files()
+    if not files:
+        pytest.skip("../shared is absent")
+    path = next(p for p in files if p.name == "memory_snapshot.pickle" and "cranberrii" in str(p))
+    result = run("report", path)
+    assert result.exit_code == 0
+    assert "guess from stack frames" in result.stdout
+    report = json.loads(run("report", path, "--format", "json").stdout)["devices"][0]
+    assert report["attribution"] == "guessed from stack frames"
+    assert {r["name"] for r in report["by_phase"]} & {"forward", "backward", "optimizer step"}
+
+
+def test_version_and_help():
+    assert run("--version").stdout.startswith("vramtrace, version")
+    assert "--format" in run("report", "--help").stdout
