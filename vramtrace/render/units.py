@@ -25,3 +25,16 @@ def fmt_share(share: float) -> str:
 
 def fmt_seconds(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds:.3f} s"
+
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4, "tib": 1 << 40}
+
+
+def parse_bytes(text: str) -> int:
+    """'24GiB', '24 GB', '1.5g', '4096' -> bytes (GB is 10^9, GiB and bare G are 2^30)."""
+    import re
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{text!r} is not a size like 24GiB, 80GB or 1048576")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
