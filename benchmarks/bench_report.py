@@ -1,0 +1,89 @@
+"""`vramtrace report` cost as ratios to a bare pickle.load of the same file, measured in one run.
+
+    python benchmarks/bench_report.py [--events 1000000]
+
+Targets (issue 2): report time <= 2x the load time; extra peak memory < 3x the file size.
+Time: in-process, best of 3, load_trace + build_report vs pickle.load. Memory: each in a fresh
+process that has imported the same modules, peak RSS (ru_maxrss) of report minus that of load.
+"""
+from __future__ import annotations
+
+import argparse
+import pickle
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from synthetic import write_synthetic  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+REAL = REPO.parent / "shared" / "fixtures" / "real-snapshots"
+
+CHILD = """
+import pickle, resource, sys, io
+import numpy, rich, click
+from vramtrace.trace import load_trace
+from vramtrace.attribution.breakdown import build_report
+path, mode = sys.argv[1], sys.argv[2]
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if mode == "load":
+    with open(path, "rb") as fh:
+        data = pickle.load(fh)
+else:
+    data = build_report(load_trace(path))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def best_of(fn, n: int = 3) -> float:
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def peak_rss(path: Path, mode: str) -> int:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(path), mode], capture_output=True, text=True,
+                         check=True, cwd=REPO)
+    return int(out.stdout.strip())
+
+
+def measure(path: Path) -> dict:
+    from vramtrace.attribution.breakdown import build_report
+    from vramtrace.trace import load_trace
+
+    def load():
+        with open(path, "rb") as fh:
+            pickle.load(fh)
+
+    t_load = best_of(load)
+    t_report = best_of(lambda: build_report(load_trace(path)))
+    extra = peak_rss(path, "report") - peak_rss(path, "load")
+    size = path.stat().st_size
+    return {"file": path.name, "bytes": size, "load_s": t_load, "report_s": t_report,
+            "time_ratio": t_report / t_load, "extra_rss": extra, "rss_ratio": extra / size}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    args = parser.parse_args()
+    files = sorted((p for p in REAL.glob("*/*") if p.suffix != ".md"), key=lambda p: p.stat().st_size)[-1:]
+    with tempfile.TemporaryDirectory() as tmp:
+        files.append(write_synthetic(Path(tmp) / f"synthetic-{args.events}.pkl", args.events))
+        print(f"{'file':40} {'MB':>7} {'load s':>8} {'report s':>9} {'time x':>7} {'extra RSS MB':>13} {'x size':>7}")
+        for path in files:
+            r = measure(path)
+            print(f"{r['file'][:40]:40} {r['bytes'] / 1e6:7.1f} {r['load_s']:8.3f} {r['report_s']:9.3f} "
+                  f"{r['time_ratio']:7.2f} {r['extra_rss'] / 1e6:13.1f} {r['rss_ratio']:7.2f}")
+    print("targets: time x <= 2.0, extra RSS < 3 x file size")
+
+
+if __name__ == "__main__":
+    main()
