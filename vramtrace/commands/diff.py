@@ -12,6 +12,7 @@ from vramtrace.diff.compare import GROUPS, Unit, diff_runs, exceeds, units_of
 from vramtrace.diff.flame import diff_tree, folded, html_page, svg
 from vramtrace.diff.points import POINTS
 from vramtrace.diff.render import headline, render_markdown, render_text
+from vramtrace.snapshot.load import SnapshotError
 
 SNAPSHOT_SUFFIXES = (".pkl", ".pickle")
 FLAME_SUFFIXES = (".folded", ".svg", ".html")
@@ -67,8 +68,11 @@ def diff_command(runs: tuple[str, ...], at: str, group: str, fmt: str, fail_pct:
         raise UserError(f"{output}: a flame graph compares exactly two runs")
     points = POINTS if at == "phase" else (at,)
     loaded = [load_run(r, quiet) for r in runs]
-    diffs = [diff_runs(loaded[0], other, points, group, runs[0], name)
-             for name, other in zip(runs[1:], loaded[1:])]
+    try:
+        diffs = [diff_runs(loaded[0], other, points, group, runs[0], name)
+                 for name, other in zip(runs[1:], loaded[1:])]
+    except SnapshotError as exc:
+        raise UserError(f"{getattr(exc, 'path', runs[0])}: {exc}") from None
     if fmt == "json":
         click.echo(json.dumps(diffs[0] if len(diffs) == 1 else {"diffs": diffs}, indent=1))
     elif fmt == "md":
@@ -91,7 +95,7 @@ def diff_command(runs: tuple[str, ...], at: str, group: str, fmt: str, fail_pct:
 def _write_flame(diff: dict, path: Path) -> None:
     point = diff["points"][0]
     tree = diff_tree(point)
-    title = f"vramtrace diff at {point['label']}: {diff['a']['label']} -> {diff['b']['label']}"
+    title = f"vramtrace diff {point['label']}: {diff['a']['label']} -> {diff['b']['label']}"
     if path.suffix == ".folded":
         text = folded(tree)
     elif path.suffix == ".svg":

@@ -25,6 +25,7 @@ from vramtrace.attribution import taxonomy as tx
 from vramtrace.diff.points import PEAK, POINT_LABELS, Point, resolve
 from vramtrace.render.units import fmt_bytes, fmt_signed_bytes
 from vramtrace.replay.timeline import DeviceTimeline, build_timeline
+from vramtrace.snapshot.load import SnapshotError
 from vramtrace.trace import Trace
 
 SCHEMA_VERSION = 1
@@ -39,6 +40,8 @@ EXPLAIN_MAX = 5             # contributors named in the plain-language summary
 EXPLAIN_SHARE = 0.97        # ... or fewer, once they account for this share of the change
 EXPLAIN_MIN_SHARE = 0.01    # ignore changes below 1% of the larger run
 _STAR = re.compile(r"^(.*?\.\*)(\.|$)")
+_ROOT = re.compile(r"^[A-Z]\w*\.")                 # the root model's class name: LlamaForCausalLM.
+_WRAPPER = re.compile(r"^(base_model\.model\.)+")   # PEFT's PeftModel -> LoraModel -> model
 
 OWNER_WORDS = {
     tx.WEIGHT: "frozen {dtype} weights",
@@ -115,9 +118,21 @@ def cells_at(unit: Unit, index: int, stacks: bool = False) -> Cells:
     labels: dict[int, str] = {}
     for row, a in zip(live.tolist(), attribute(unit.trace, allocs, live)):
         stack = _stack_label(unit.trace, int(allocs.stack[row]), labels) if stacks else ""
-        cells[(a.owner, a.dtype, fold_module(a.module), a.phase, stack)].add(
+        cells[(a.owner, a.dtype, module_key(a.module), a.phase, stack)].add(
             Amount(int(allocs.size[row]), int(allocs.requested[row]), 1))
     return dict(cells)
+
+
+def module_key(module: str) -> str:
+    """A module path as both runs can share it: layers folded, root class and PEFT wrappers cut.
+
+    ``PeftModelForCausalLM.base_model.model.model.layers.3.mlp`` and
+    ``LlamaForCausalLM.model.layers.3.mlp`` are both ``model.layers.*.mlp``.
+    """
+    path = fold_module(module)
+    root = _ROOT.match(path)
+    rest = _WRAPPER.sub("", (path[root.end():] if root else path) + ".").rstrip(".")
+    return rest or (root.group(0).rstrip(".") if root else path)
 
 
 def _stack_label(trace: Trace, stack: int, cache: dict[int, str]) -> str:
@@ -135,10 +150,16 @@ def _stack_label(trace: Trace, stack: int, cache: dict[int, str]) -> str:
 
 def side_at(units: Sequence[Unit], point: str, stacks: bool = False) -> SideState:
     """A run (its units summed) at a named comparable point."""
-    resolved = [resolve(u.trace, u.timeline, point) for u in units]
+    resolved: list[Point] = []
     cells: Cells = defaultdict(Amount)
-    for u, p in zip(units, resolved):
-        for key, amount in cells_at(u, p.index, stacks).items():
+    for u in units:
+        try:
+            resolved.append(resolve(u.trace, u.timeline, point))
+            unit_cells = cells_at(u, resolved[-1].index, stacks)
+        except SnapshotError as exc:   # malformed frames are found only when first read
+            exc.path = u.trace.path
+            raise
+        for key, amount in unit_cells.items():
             cells[key].add(amount)
     return SideState(resolved, *(sum(u.timeline.at(p.index, s) for u, p in zip(units, resolved))
                                  for s in ("allocated", "requested", "reserved")), dict(cells))

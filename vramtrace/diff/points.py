@@ -19,9 +19,9 @@ from vramtrace.trace import Action, Trace
 
 PEAK, END, FORWARD, BACKWARD, OPTIMIZER = "peak", "end", "forward", "backward", "optimizer"
 POINTS: tuple[str, ...] = (PEAK, FORWARD, BACKWARD, OPTIMIZER, END)
-POINT_LABELS = {PEAK: "each run's peak", FORWARD: "end of the first forward pass",
-                BACKWARD: "end of backward, before the first optimizer step", OPTIMIZER: "after the first optimizer step",
-                END: "end of the trace"}
+POINT_LABELS = {PEAK: "at each run's peak", FORWARD: "at the end of the first forward pass",
+                BACKWARD: "at the end of backward, before the first optimizer step",
+                OPTIMIZER: "after the first optimizer step", END: "at the end of the trace"}
 
 # phase codes per alloc event
 _NONE, _SETUP, _FWD, _BWD, _OPT = 0, 1, 2, 3, 4
@@ -68,11 +68,27 @@ def _phase_points(trace: Trace, tl: DeviceTimeline) -> dict[str, int]:
         return out
     o0 = int(opt[0])
     out[BACKWARD] = int(allocs[o0]) - 1
-    # the step ends at the next allocation of a later step or of a new forward/backward
+    # the step's allocations run until one of a later step or of a new forward/backward/input
     after = np.arange(len(phase)) > o0
     nxt = np.flatnonzero(after & ((np.isin(phase, (_FWD, _BWD, _SETUP))) | (step > step[o0])))
-    out[OPTIMIZER] = int(allocs[nxt[0]]) - 1 if len(nxt) else tl.end_index
+    last = int(nxt[0]) - 1 if len(nxt) else len(phase) - 1
+    step_allocs = allocs[o0:last + 1][phase[o0:last + 1] == _OPT]
+    out[OPTIMIZER] = _after_own_frees(trace, tl, int(step_allocs[-1]), step_allocs)
     return out
+
+
+def _after_own_frees(trace: Trace, tl: DeviceTimeline, index: int, made: np.ndarray) -> int:
+    """Move past the frees that follow ``index`` of blocks allocated at ``made`` (the step's own
+    temporaries), stopping before anything else (zero_grad, teardown, the next step)."""
+    rows = tl.allocations
+    own_frees = set(rows.free_index[np.isin(rows.alloc_index, made)].tolist())
+    action = trace.action[tl.events]
+    j = index + 1
+    while j < tl.n_events and (j in own_frees or action[j] == Action.FREE_REQUESTED):
+        j += 1
+    while j - 1 > index and action[j - 1] == Action.FREE_REQUESTED:
+        j -= 1
+    return j - 1
 
 
 def _alloc_phases(trace: Trace, sl: slice, allocs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -51,7 +51,7 @@ def render_text(diff: dict, console: Console) -> None:
     fields = GROUPS[diff["group"]]
     for point in diff["points"]:
         console.print()
-        console.print(f"[bold]at {point['label']}[/bold]: {fmt_bytes(point['a']['allocated'])} -> "
+        console.print(f"[bold]{point['label']}[/bold]: {fmt_bytes(point['a']['allocated'])} -> "
                       f"{fmt_bytes(point['b']['allocated'])} allocated ({fmt_signed_bytes(point['delta'])}); "
                       f"A {_where(point['a'])}, B {_where(point['b'])}")
         for line in point["explanation"]:
@@ -85,7 +85,7 @@ def render_markdown(diff: dict) -> str:
     out = ["# vramtrace diff", "", f"- **A** `{a}`", f"- **B** `{b}`", f"- {headline(diff)}", ""]
     fields = GROUPS[diff["group"]]
     for point in diff["points"]:
-        out += [f"## at {point['label']}", "",
+        out += [f"## {point['label']}", "",
                 f"{fmt_bytes(point['a']['allocated'])} -> {fmt_bytes(point['b']['allocated'])} allocated "
                 f"({fmt_signed_bytes(point['delta'])}); A {_where(point['a'])}, B {_where(point['b'])}", ""]
         out += [f"- {line}" for line in point["explanation"]] + [""]
