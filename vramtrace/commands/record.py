@@ -52,7 +52,8 @@ def record_command(ctx: click.Context, output: str | None, stacks: str, max_entr
             for line in summary_lines(path):
                 click.echo(line, err=True)
     else:
-        click.echo("vramtrace: no snapshot was written (did the command import torch?)", err=True)
+        why = "" if opts.steps else " (no Python process of the command imported torch)"
+        click.echo(f"vramtrace: no snapshot was written{why}", err=True)
     ctx.exit(exit_like(result.returncode))
 
 

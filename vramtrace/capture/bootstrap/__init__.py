@@ -134,6 +134,8 @@ class Session:
         self.steps_done = 0
         self._optimizer: Any = None
         self._step_hook: Any = None
+        self._forward_hook: Any = None
+        self._pending: Callable[[], None] | None = None
         self._recording = False
         self._finished = False
         self._term_pending = False
@@ -189,22 +191,37 @@ class Session:
             _die_of(signal.SIGTERM)
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        """Optimizer step post-hook: counts the steps of the first optimizer that steps."""
+        """Optimizer step post-hook: counts the steps of the first optimizer that steps and
+        schedules the window's start or end. They run at the next module forward, because
+        starting or stopping (un)registers optimizer hooks, which torch forbids while it
+        iterates them."""
         if self._optimizer is None:
             self._optimizer = weakref.ref(optimizer)
         elif self._optimizer() is not optimizer:
             return
         self.steps_done += 1
         start, stop = self.settings.steps
+        if self.steps_done == start and not self._recording:
+            self._pending = self._start
+        elif stop is not None and self.steps_done == stop:
+            self._pending = self._end_window
+        if self._pending is not None and self._forward_hook is None:
+            from torch.nn.modules.module import register_module_forward_pre_hook
+            self._forward_hook = register_module_forward_pre_hook(self._run_pending)
+
+    def _run_pending(self, module: Any, args: Any) -> None:
+        self._forward_hook.remove()
+        self._forward_hook = None
+        action, self._pending = self._pending, None
         with self._critical():
-            if self._finished:
-                return
-            if self.steps_done == start and not self._recording:
-                self._start()
-            if stop is not None and self.steps_done >= stop and self._recording:
-                self._stop()
-                self._finished = True
-                self._step_hook.remove()
+            if not self._finished:
+                action()
+
+    def _end_window(self) -> None:
+        self._step_hook.remove()
+        self._finished = True
+        if self._recording:
+            self._stop()
 
     def finish(self) -> None:
         """Write the file (at exit / on SIGTERM); a no-op in forked children and when done."""
@@ -217,8 +234,8 @@ class Session:
             if self._recording:
                 self._stop()
             elif self.settings.steps is not None:
-                print(f"vramtrace: the run made {self.steps_done} optimizer steps, not more than the "
-                      f"{self.settings.steps[0]} before the --steps window; nothing written",
+                print(f"vramtrace: the --steps window {L.format_steps(self.settings.steps)} never began "
+                      f"(the run made {self.steps_done} optimizer steps); nothing written for this process",
                       file=sys.stderr)
 
     def _handle_sigterm(self) -> None:
