@@ -1,53 +1,47 @@
-"""Allocation tracker: every storage an op creates, when it dies, and what it was for.
+"""Allocation tracker: every storage an op creates, when it dies, and who owns it.
 
 One code path for real CPU tensors and for FakeTensors, so that a simulated step and a real CPU
 run of the same recipe produce the same events by construction. A TorchDispatchMode sees each op
-output, keys each storage it has not seen before, and a ``weakref.finalize`` on the storage
-reports the free. Context (phase, module path, step) comes from global module/optimizer hooks,
-which hold no tensors, so the tracker does not change what it measures. Owners are decided
-after the run from roles observed while it ran (see ``classify``).
+output, keys each storage it has not seen before (storage identity, never address), and a
+``weakref.finalize`` on the storage reports the free. Owners come from the shared
+:class:`vramtrace.capture.tagging.TaggingContext` (the tagger the recorders use), plus two rules
+for tensors that autograd keeps without the saved-tensor hooks seeing them:
+
+* a forward temporary still alive when backward starts is kept for backward (bitsandbytes'
+  int8 matmul stores its inputs on ``ctx``, not through ``save_for_backward``);
+* a recompute temporary still alive when its checkpointed segment returns is a recomputed
+  activation (non-reentrant checkpointing packs them with its own hooks, hiding ours).
 """
 from __future__ import annotations
 
-import json
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from vramtrace.attribution import taxonomy as tx
+from vramtrace.capture.tagging import OWNER_PRIORITY, Tag, TaggingContext
 
-@dataclass
+
+@dataclass(slots=True)
 class AllocRecord:
     """One storage's life: the unit the allocator model replays."""
     seq: int
     nbytes: int
-    phase: str
-    module: str
-    step: int
-    op: str
-    dtype: str
-    shape: tuple[int, ...]
+    tag: Tag
+    created_phase: str
     time_us: int
+    op: str
     free_seq: int | None = None
-    role: str | None = None          # owner learned from a role (param, grad, optimizer state, ...)
-    param: str = ""
     data_dependent: bool = False     # size depends on data (unbacked symbolic size under fake tensors)
-    saved: bool = False              # alive when backward started (or after its recompute)
 
-    def metadata(self, owner: str) -> str:
-        """JSON ``user_metadata`` for the viewer, keys from ``taxonomy.METADATA_KEYS``."""
-        meta: dict[str, Any] = {"owner": owner, "module": self.module, "phase": self.phase,
-                                "step": self.step, "dtype": self.dtype, "shape": list(self.shape)}
-        if self.param:
-            meta["param"] = self.param
-        if self.data_dependent:
-            meta["data_dependent"] = True
-        return json.dumps(meta, separators=(",", ":"))
+    @property
+    def owner(self) -> str:
+        return self.tag.owner
 
 
 def _int(x: Any) -> tuple[int, bool]:
@@ -57,177 +51,99 @@ def _int(x: Any) -> tuple[int, bool]:
     node = getattr(x, "node", None)
     if node is not None and node.has_hint():
         return int(node.hint), False
-    try:
-        return int(x), False
-    except Exception:  # GuardOnDataDependentSymNode and friends: no value without data
-        return 0, True
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    return 0, True
 
 
 class AllocationTracker(TorchDispatchMode):
-    """Records alloc/free of every storage produced by an op while active.
+    """Records alloc/free of every storage an op produces while active (a TagListener).
 
-    Use as a context manager around model construction and training steps; ``events`` is the
-    ordered list of ("alloc"|"free", record). ``watch(model)`` names parameters so that roles
-    can be assigned; ``mark_*`` calls assign roles to live storages.
+    ``events`` is the ordered list of ("alloc" | "free", record). Use ``paused()`` around work
+    whose storages must not count (a model skeleton that is "loaded" afterwards).
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.events: list[tuple[str, AllocRecord]] = []
         self.live: dict[int, AllocRecord] = {}
+        self.ctx = TaggingContext(self)
         self._seq = 0
-        self.phase = "setup"
-        self.step = 0
-        self._module_stack: list[str] = []
-        self._names: dict[int, str] = {}
-        self._in_backward = False
-        self._recompute_start = 0
-        self._hooks: list[Any] = []
-        self.models: list[torch.nn.Module] = []
-        self.optimizers: list[torch.optim.Optimizer] = []
-        self.recording = True
+        self._recording = True
+        self._last_phase = "setup"
+        self._segment_start = 0
 
-    # -- context -----------------------------------------------------------------------------
     def __enter__(self) -> "AllocationTracker":
-        mm = torch.nn.modules.module
-        self._hooks = [
-            mm.register_module_forward_pre_hook(self._pre_forward),
-            mm.register_module_forward_hook(self._post_forward, always_call=True),
-            torch.optim.optimizer.register_optimizer_step_pre_hook(self._pre_step),
-            torch.optim.optimizer.register_optimizer_step_post_hook(self._post_step),
-        ]
+        self.ctx.install()
         return super().__enter__()
 
     def __exit__(self, *exc: Any) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
         super().__exit__(*exc)
+        self.ctx.uninstall()
 
-    def watch(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Name the model's modules and mark its parameters, buffers and quant state."""
-        if model not in self.models:
-            self.models.append(model)
-            self._names.update({id(m): n for n, m in model.named_modules()})
-        if optimizer is not None and optimizer not in self.optimizers:
-            self.optimizers.append(optimizer)
-        self.mark_model_state()
+    class _Paused:
+        def __init__(self, tracker: "AllocationTracker") -> None:
+            self.tracker = tracker
 
-    def end_setup(self) -> None:
-        """Setup (model build, quantization, adapters) is over: next ops make inputs."""
-        self.mark_model_state()
-        self.phase = "input"
+        def __enter__(self) -> None:
+            self.tracker._recording = False
 
-    # -- hooks -------------------------------------------------------------------------------
-    def _current_phase(self) -> str:
-        in_bwd = torch._C._current_graph_task_id() != -1
-        if in_bwd and not self._in_backward:
-            self._start_backward()
-        elif not in_bwd and self._in_backward:
-            self._in_backward = False
-            self.mark_model_state()
-            self.phase = "input"
-        if self._in_backward:
-            return "recompute" if self._module_stack else "backward"
-        return self.phase
+        def __exit__(self, *exc: Any) -> None:
+            self.tracker._recording = True
 
-    def _start_backward(self) -> None:
-        self._in_backward = True
-        for rec in self.live.values():
-            if rec.phase == "forward":
-                rec.saved = True
+    def paused(self) -> "AllocationTracker._Paused":
+        """A context in which new storages are not recorded."""
+        return AllocationTracker._Paused(self)
 
-    def _pre_forward(self, module: torch.nn.Module, args: Any) -> None:
-        self._current_phase()
-        if not self._in_backward and self.phase == "input":
-            self.phase = "forward"
-        if self._in_backward and not self._module_stack:
-            self._recompute_start = self._seq
-        self._module_stack.append(self._names.get(id(module), type(module).__name__))
-
-    def _post_forward(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        if self._module_stack:
-            self._module_stack.pop()
-        if self._in_backward and not self._module_stack:
-            for rec in self.live.values():  # what survives a recompute is kept for backward
-                if rec.seq >= self._recompute_start and rec.phase == "recompute":
-                    rec.saved = True
-
-    def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if optimizer not in self.optimizers:
-            self.optimizers.append(optimizer)
-        self._current_phase()
-        self.mark_model_state()
-        self.phase = "optimizer"
-
-    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.mark_optimizer_state()
-        self.phase = "input"
-        self.step += 1
-
-    # -- roles -------------------------------------------------------------------------------
-    def _mark(self, t: Any, role: str, name: str = "") -> None:
-        if not isinstance(t, torch.Tensor):
+    # -- TagListener -------------------------------------------------------------------------
+    def retag(self, tensor: torch.Tensor, tag: Tag) -> None:
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
             return
-        rec = self.live.get(t.untyped_storage()._cdata)
-        if rec is not None and (rec.role is None or rec.role == tx.ACTIVATION):
-            rec.role, rec.param = role, rec.param or name
+        rec = self.live.get(tensor.untyped_storage()._cdata)
+        if rec is not None and OWNER_PRIORITY[tag.owner] >= OWNER_PRIORITY[rec.tag.owner]:
+            if tag.owner == rec.tag.owner and tag.owner in (tx.ACTIVATION, tx.INPUT):
+                return  # keep the first context of a role
+            rec.tag = tag
 
-    def mark_model_state(self) -> None:
-        """Roles of parameters (frozen or trainable), buffers, quant state and gradients."""
-        for model in self.models:
-            for name, p in model.named_parameters(remove_duplicate=True):
-                self._mark(p, tx.TRAINABLE if p.requires_grad else tx.WEIGHT, name)
-                if p.grad is not None:
-                    self._mark(p.grad, tx.GRADIENT, name)
-                for qname, q in _quant_tensors(p):
-                    self._mark(q, tx.QUANT_STATE, f"{name}.{qname}")
-            for name, b in model.named_buffers():
-                self._mark(b, tx.WEIGHT, name)
-            for name, m in model.named_modules():
-                state = getattr(m, "state", None)  # bitsandbytes Linear8bitLt keeps CB/SCB here
-                for attr in ("CB", "SCB"):
-                    t = getattr(state, attr, None)
-                    if isinstance(t, torch.Tensor):
-                        self._mark(t, tx.WEIGHT if attr == "CB" else tx.QUANT_STATE, f"{name}.weight.{attr}")
+    def context_changed(self, ctx: TaggingContext) -> None:
+        self._phase_transition(ctx.phase)
 
-    def mark_optimizer_state(self) -> None:
-        """Optimizer state tensors (created lazily by the first ``step()``)."""
-        for opt in self.optimizers:
-            for st in opt.state.values():
-                for k, v in st.items():
-                    self._mark(v, tx.OPTIMIZER, str(k))
+    def _phase_transition(self, phase: str) -> None:
+        last, self._last_phase = self._last_phase, phase
+        if phase == last:
+            return
+        if phase in ("backward", "recompute") and last not in ("backward", "recompute"):
+            self._promote("forward", 0)
+        if phase == "recompute" and last == "backward":
+            self._segment_start = self._seq
+        if phase == "backward" and last == "recompute":
+            self._promote("recompute", self._segment_start)
+
+    def _promote(self, created_phase: str, since: int) -> None:
+        for rec in self.live.values():
+            if rec.tag.owner == tx.TEMPORARY and rec.created_phase == created_phase and rec.seq >= since:
+                rec.tag = Tag(tx.ACTIVATION, rec.tag.module, rec.tag.phase, rec.tag.step, rec.tag.dtype,
+                              rec.tag.shape, rec.tag.param)
 
     # -- dispatch ----------------------------------------------------------------------------
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        if not self.recording:
+        if not self._recording:
             return out
-        phase = self._current_phase()
-        autocast_copy = (func is torch.ops.aten._to_copy.default and torch.is_autocast_enabled()
-                         and isinstance(args[0], torch.Tensor) and _is_param_storage(self, args[0]))
+        phase = self.ctx.phase
+        if phase != self._last_phase:
+            self._phase_transition(phase)
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self._record(t, func, phase, tx.AUTOCAST if autocast_copy else None)
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                st = t.untyped_storage()
+                key = st._cdata
+                if key not in self.live:
+                    self._record(st, key, self.ctx.tag_for(t, func, args), phase, func)
         return out
 
-    def _record(self, t: torch.Tensor, func: Any, phase: str, role: str | None) -> None:
-        if t.device.type == "meta":
-            return
-        st = t.untyped_storage()
-        key = st._cdata
-        if key in self.live:
-            return
+    def _record(self, st: torch.UntypedStorage, key: int, tag: Tag, phase: str, func: Any) -> None:
         nbytes, dd = _int(st.nbytes())
-        rec = AllocRecord(seq=self._seq, nbytes=nbytes, phase=phase,
-                          module=self._module_stack[-1] if self._module_stack else "",
-                          step=self.step, op=str(func.overloadpacket.__name__), dtype=_dtype_name(t.dtype),
-                          shape=tuple(_int(s)[0] for s in t.shape), time_us=int(time.time() * 1e6),
-                          role=role, data_dependent=dd)
+        tag.shape = tuple(_int(s)[0] for s in tag.shape)
+        rec = AllocRecord(seq=self._seq, nbytes=nbytes, tag=tag, created_phase=phase,
+                          time_us=int(time.time() * 1e6), op=func.overloadpacket.__name__, data_dependent=dd)
         self._seq += 1
         self.live[key] = rec
         self.events.append(("alloc", rec))
@@ -240,43 +156,6 @@ class AllocationTracker(TorchDispatchMode):
         self._seq += 1
         self.events.append(("free", rec))
 
-
-def _is_param_storage(tracker: AllocationTracker, t: torch.Tensor) -> bool:
-    rec = tracker.live.get(t.untyped_storage()._cdata)
-    return rec is not None and rec.role in (tx.WEIGHT, tx.TRAINABLE)
-
-
-def _quant_tensors(p: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """Quantization state hanging off a bitsandbytes parameter (int8 SCB, 4-bit QuantState)."""
-    scb = getattr(p, "SCB", None)
-    if isinstance(scb, torch.Tensor):
-        yield "SCB", scb
-    qs = getattr(p, "quant_state", None)
-    while qs is not None:
-        for attr in ("absmax", "code", "offset"):
-            t = getattr(qs, attr, None)
-            if isinstance(t, torch.Tensor):
-                yield attr, t
-        qs = getattr(qs, "state2", None)
-
-
-def classify(rec: AllocRecord) -> str:
-    """Owner of one allocation from its role and life (DESIGN §6)."""
-    if rec.role is not None:
-        return rec.role
-    if rec.phase == "input":
-        return tx.INPUT
-    if rec.saved and rec.phase in ("forward", "recompute"):
-        return tx.ACTIVATION
-    if rec.phase in ("forward", "recompute", "backward", "optimizer"):
-        return tx.TEMPORARY
-    return tx.UNKNOWN
-
-
-def owner_bytes(records: Iterable[AllocRecord]) -> dict[str, int]:
-    """Sum of requested bytes per owner."""
-    out: dict[str, int] = {}
-    for rec in records:
-        o = classify(rec)
-        out[o] = out.get(o, 0) + rec.nbytes
-    return out
+    def records(self) -> Iterator[AllocRecord]:
+        """Every allocation, in order of creation."""
+        return (rec for kind, rec in self.events if kind == "alloc")
