@@ -1,0 +1,256 @@
+"""CPU capture backend: exact alloc/free of tensor storages, replayed through the allocator model.
+
+A TorchDispatchMode sees every op output; a storage it has not seen before is an allocation, and
+a ``weakref.finalize`` on that storage reports its free (DESIGN §7). No strong reference to any
+tensor or storage is kept, so recording does not change what it measures. At dump time the
+events go through :class:`vramtrace.replay.allocator.CachingAllocatorModel`, which lays them out
+as a CUDA caching allocator would and yields a snapshot dict in PyTorch's exact format, with the
+*final* owner (re-tags applied by allocation identity) in ``category``/``user_metadata`` of each
+alloc event.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from vramtrace.attribution import taxonomy as tx
+from vramtrace.capture.tagging import OWNER_PRIORITY, Tag, TaggingContext
+from vramtrace.replay import allocator
+
+FrameKey = tuple[str, str, int]
+
+_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # vramtrace/
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+_SKIP_FILES = frozenset({
+    os.path.join(_TORCH_DIR, "utils", "_python_dispatch.py"),
+    os.path.join(_TORCH_DIR, "_ops.py"),
+    os.path.join(_TORCH_DIR, "_compile.py"),
+    os.path.join(_TORCH_DIR, "_dynamo", "eval_frame.py"),
+    weakref.__file__,
+})
+_PARAM_OWNERS = frozenset({tx.WEIGHT, tx.TRAINABLE, tx.QUANT_STATE})
+
+
+def python_frames() -> tuple[FrameKey, ...]:
+    """The caller's Python stack, innermost first, without vramtrace's or torch-dispatch frames."""
+    out = []
+    f = sys._getframe(1)
+    while f is not None:
+        fn = f.f_code.co_filename
+        if fn not in _SKIP_FILES and not fn.startswith(_OWN_DIR):
+            out.append((f.f_code.co_name, fn, f.f_lineno))
+        f = f.f_back
+    return tuple(out)
+
+
+@dataclass(slots=True, eq=False)
+class AllocRecord:
+    """One storage's life; ``tag`` is updated in place by re-tags."""
+    size: int
+    time_us: int
+    frames: tuple[FrameKey, ...]
+    tag: Tag
+    free_time_us: int = -1
+    free_frames: tuple[FrameKey, ...] = ()
+    free_phase: str = ""
+    free_step: int = -1
+
+
+def final_owner(rec: AllocRecord) -> str:
+    """Owner of a record after its whole life is known.
+
+    A ``temporary`` made in forward/recompute and freed in backward was kept for backward
+    (saved by a custom autograd ctx or a checkpoint holder that pack hooks do not see): an
+    activation. One made in the optimizer step that outlives that step is optimizer state.
+    """
+    t = rec.tag
+    if t.owner != tx.TEMPORARY:
+        return t.owner
+    if t.phase == "forward" and rec.free_phase in ("backward", "recompute"):
+        return tx.ACTIVATION
+    if t.phase == "recompute" and rec.free_phase == "backward":
+        return tx.ACTIVATION
+    if t.phase == "optimizer" and not (rec.free_phase == "optimizer" and rec.free_step == t.step):
+        return tx.OPTIMIZER
+    return tx.TEMPORARY
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+class _StorageMode(TorchDispatchMode):
+    """Reports every op output to the backend (the mode itself holds nothing)."""
+
+    def __init__(self, backend: "CpuBackend") -> None:
+        super().__init__()
+        self._backend = backend
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            self._backend.observe(out, func, args)
+        elif isinstance(out, (tuple, list)):
+            for t in out:
+                if isinstance(t, torch.Tensor):
+                    self._backend.observe(t, func, args)
+                elif isinstance(t, (tuple, list)):
+                    for u in t:
+                        if isinstance(u, torch.Tensor):
+                            self._backend.observe(u, func, args)
+        return out
+
+
+class CpuBackend:
+    """Records storages on the CPU (or any device the dispatch mode sees) with owner tags."""
+
+    name = "cpu"
+
+    def __init__(self, stacks: str | None = "python", max_entries: int | None = None) -> None:
+        self.stacks = stacks not in (None, "none", False)
+        self.max_entries = max_entries
+        self.ctx = TaggingContext(self)
+        self._mode = _StorageMode(self)
+        self._live: dict[int, tuple[AllocRecord, weakref.finalize]] = {}
+        self._preexisting: list[AllocRecord] = []
+        self._events: list[tuple[bool, AllocRecord]] = []   # (is_alloc, record), in order
+        self._start_us = 0
+        self.active = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Begin recording on this thread (and the autograd threads it starts)."""
+        self._start_us = _now_us()
+        self.active = True
+        self.ctx.install()
+        self._mode.__enter__()
+
+    def stop(self) -> None:
+        """Stop recording; later frees of recorded storages are not reported."""
+        if not self.active:
+            return
+        self._mode.__exit__(None, None, None)
+        self.ctx.sweep()
+        self.ctx.uninstall()
+        self.active = False
+        for _, fin in self._live.values():
+            fin.detach()
+        self._live.clear()
+
+    # -- observation ----------------------------------------------------------------------------
+    def observe(self, t: torch.Tensor, func: Any = None, args: tuple = ()) -> None:
+        """Record ``t``'s storage if it is new (called for each op output)."""
+        if not self.active or t.device.type == "meta":
+            return
+        try:
+            st = t.untyped_storage()
+        except (RuntimeError, NotImplementedError):  # sparse/nested/wrapper tensors: no storage
+            return
+        size = st.nbytes()
+        hit = self._live.get(st._cdata)
+        if hit is not None:
+            if hit[0].size == size:
+                return
+            hit[1].detach()               # resized in place: old block freed, new one made
+            self._on_free(st._cdata, hit[0])
+        if size == 0:
+            return
+        rec = AllocRecord(size, _now_us(), python_frames() if self.stacks else (),
+                          self.ctx.tag_for(t, func, args))
+        self._track(st, rec)
+        self._events.append((True, rec))
+
+    def _track(self, st: torch.UntypedStorage, rec: AllocRecord) -> None:
+        key = st._cdata
+        fin = weakref.finalize(st, self._on_free, key, rec)
+        fin.atexit = False
+        self._live[key] = (rec, fin)
+
+    def _on_free(self, key: int, rec: AllocRecord) -> None:
+        hit = self._live.get(key)
+        if hit is None or hit[0] is not rec:
+            return
+        del self._live[key]
+        rec.free_time_us = _now_us()
+        rec.free_frames = python_frames() if self.stacks else ()
+        rec.free_phase = self.ctx.phase
+        rec.free_step = self.ctx.step
+        self._events.append((False, rec))
+
+    # -- TagListener ----------------------------------------------------------------------------
+    def retag(self, tensor: torch.Tensor, tag: Tag) -> None:
+        """Apply a role learned later to the allocation holding ``tensor`` (by storage identity).
+
+        A storage never seen before existed before recording started (weights loaded earlier, a
+        batch already on the device): it is recorded as allocated at the start."""
+        if not self.active or not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+            return
+        try:
+            st = tensor.untyped_storage()
+        except (RuntimeError, NotImplementedError):
+            return
+        size = st.nbytes()
+        if size == 0:
+            return
+        hit = self._live.get(st._cdata)
+        if hit is None:
+            tag.phase = "setup"
+            rec = AllocRecord(size, self._start_us, (), tag)
+            self._track(st, rec)
+            self._preexisting.append(rec)
+            return
+        cur = hit[0].tag
+        if tag.owner == tx.INPUT and cur.phase != "setup":
+            return  # only tensors made outside the model's forward are inputs (not logits fed to a loss)
+        if OWNER_PRIORITY[tag.owner] < OWNER_PRIORITY[cur.owner]:
+            return
+        cur.owner = tag.owner
+        if tag.param:
+            cur.param = tag.param
+        if tag.owner in _PARAM_OWNERS and tag.module:
+            cur.module = tag.module
+
+    def context_changed(self, ctx: TaggingContext) -> None:
+        """Nothing to stamp on CPU: tags are computed per storage in :meth:`observe`."""
+
+    # -- output ---------------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        """PyTorch-format snapshot of everything recorded so far, final owners on each event."""
+        if self.active:
+            self.ctx.sweep()
+        model = allocator.CachingAllocatorModel(allocator.AllocatorSettings(), device=0)
+        frame_dicts: dict[FrameKey, dict] = {}
+
+        def frames(keys: tuple[FrameKey, ...]) -> list[dict]:
+            out = []
+            for k in keys:
+                d = frame_dicts.get(k)
+                if d is None:
+                    d = frame_dicts[k] = {"name": k[0], "filename": k[1], "line": k[2]}
+                out.append(d)
+            return out
+
+        addr: dict[int, int] = {}
+        for is_alloc, rec in [(True, r) for r in self._preexisting] + self._events:
+            if is_alloc:
+                owner = final_owner(rec)
+                meta = Tag(owner, rec.tag.module, rec.tag.phase, rec.tag.step, rec.tag.dtype,
+                           rec.tag.shape, rec.tag.param).to_json()
+                addr[id(rec)] = model.malloc(rec.size, frames=frames(rec.frames), time_us=rec.time_us,
+                                             category=owner, user_metadata=meta, compile_context="N/A")
+            else:
+                a = addr.pop(id(rec), None)
+                if a is not None:
+                    model.free(a, frames=frames(rec.free_frames), time_us=rec.free_time_us)
+        snap = model.snapshot()
+        trace = snap["device_traces"][0]
+        if self.max_entries is not None and len(trace) > self.max_entries:
+            del trace[:len(trace) - self.max_entries]
+        return snap

@@ -1,0 +1,373 @@
+"""Owner tagging shared by the CUDA and CPU capture backends.
+
+A :class:`TaggingContext` installs global hooks (module forward pre/post, optimizer step pre/post,
+autograd saved-tensor pack hooks, post-accumulate-grad hooks) and keeps track of *where* the
+program is: module path, phase (setup / forward / backward / recompute / optimizer) and optimizer
+step. From that it produces the tag of a new allocation (:meth:`TaggingContext.tag_for`) and the
+thread's current context string (:meth:`TaggingContext.context_json`, what the CUDA backend
+stamps with ``torch.cuda.memory._set_memory_metadata``).
+
+Roles that become known only after an allocation was made (saved for backward, became ``.grad``,
+optimizer state created lazily, parameter, quantization state, model input) are reported to the
+backend as re-tags of a *tensor* (``listener.retag(tensor, tag)``); the backend joins them to the
+allocation by identity (storage), never by address. Re-tags obey :data:`OWNER_PRIORITY` so that a
+more specific role is never overwritten by a vaguer one (an autocast copy that is also saved for
+backward stays ``autocast``).
+
+The context never keeps a tensor alive: it stores module/optimizer references weakly, pack hooks
+return the very tensor they receive, and hooks close over names only (DESIGN §6 pitfalls).
+"""
+from __future__ import annotations
+
+import json
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any, Iterator, Protocol
+
+import torch
+from torch.nn.modules import module as _nn_module
+from torch.optim import optimizer as _optim_mod
+
+from vramtrace.attribution import taxonomy as tx
+
+# A re-tag replaces the current owner only when its priority is at least as high.
+OWNER_PRIORITY: dict[str, int] = {
+    tx.WEIGHT: 90, tx.TRAINABLE: 90, tx.QUANT_STATE: 80, tx.GRADIENT: 70, tx.OPTIMIZER: 60,
+    tx.AUTOCAST: 50, tx.INPUT: 40, tx.ACTIVATION: 30, tx.TEMPORARY: 10, tx.UNKNOWN: 0,
+}
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                torch.float64: "fp64", torch.int8: "int8", torch.uint8: "uint8"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Short dtype label used in tags (reports split ``weight`` by it: int8, uint8 4-bit, fp16...)."""
+    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+@dataclass(slots=True)
+class Tag:
+    """Owner plus the detail that travels in ``user_metadata`` (keys: taxonomy.METADATA_KEYS)."""
+    owner: str = tx.UNKNOWN
+    module: str = ""
+    phase: str = "setup"
+    step: int = 0
+    dtype: str = ""
+    shape: tuple[int, ...] = ()
+    param: str = ""
+
+    def to_json(self) -> str:
+        """Compact JSON for ``user_metadata``; plain types only so the snapshot stays viewer-safe."""
+        return json.dumps({"owner": self.owner, "module": self.module, "phase": self.phase,
+                           "step": self.step, "dtype": self.dtype, "shape": list(self.shape),
+                           "param": self.param}, separators=(",", ":"))
+
+
+class TagListener(Protocol):
+    """What a backend implements to receive re-tags and context changes."""
+
+    def retag(self, tensor: torch.Tensor, tag: Tag) -> None: ...
+
+    def context_changed(self, ctx: "TaggingContext") -> None: ...
+
+
+def set_cuda_memory_metadata(metadata: str) -> bool:
+    """Stamp ``metadata`` on every CUDA allocator trace entry this thread makes from now on.
+
+    The one place the CUDA backend calls ``torch.cuda.memory._set_memory_metadata`` (torch 2.13+).
+    Returns False where it does not exist or CUDA is off, so callers need no version checks.
+    """
+    fn = getattr(torch.cuda.memory, "_set_memory_metadata", None)
+    if fn is None or not torch.cuda.is_available():
+        return False
+    try:
+        fn(metadata)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _tensors_in(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    """Tensors held by optimizer state / quantization-state objects (dicts, lists, QuantState)."""
+    if depth > 4:
+        return
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors_in(v, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors_in(v, depth + 1)
+    elif type(obj).__name__ in ("QuantState", "MatmulLtState"):
+        for v in vars(obj).values():
+            yield from _tensors_in(v, depth + 1)
+
+
+def _flat_tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    """Tensors in forward args/kwargs/outputs (HF ModelOutput is a dict subclass)."""
+    if depth > 3:
+        return
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _flat_tensors(v, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _flat_tensors(v, depth + 1)
+
+
+def _in_backward() -> bool:
+    """True on any thread while the autograd engine runs a backward graph task."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` in this thread."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4 has no device argument
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
+class TaggingContext:
+    """Tracks module path, phase and optimizer step, and turns them into allocation tags."""
+
+    def __init__(self, listener: TagListener) -> None:
+        self._listener = listener
+        self._tls = threading.local()
+        self._names: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+        self._roots: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+        self._optimizers: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+        self._handles: list[Any] = []
+        self._param_handles: dict[int, Any] = {}
+        self._params: dict[int, tuple[weakref.ref, str]] = {}  # id -> (weakref, name)
+        self._saved_hooks: Any = None
+        self._optimizer_depth = 0
+        self._backward_module = ""
+        self.step = 0
+
+    # -- state -------------------------------------------------------------------------------
+    def _stack(self) -> list[tuple[str, bool]]:
+        st = getattr(self._tls, "stack", None)
+        if st is None:
+            st = self._tls.stack = []
+        return st
+
+    @property
+    def phase(self) -> str:
+        """Phase of the calling thread: recompute = a module forward inside backward."""
+        in_module = bool(self._stack())
+        if _in_backward():
+            return "recompute" if in_module else "backward"
+        if self._optimizer_depth:
+            return "optimizer"
+        return "forward" if in_module else "setup"
+
+    @property
+    def module(self) -> str:
+        """Innermost module path of this thread (in backward: the module whose outputs' grads run)."""
+        st = self._stack()
+        if st:
+            return st[-1][0]
+        return self._backward_module if _in_backward() else ""
+
+    def context_tag(self) -> Tag:
+        """Tag for an allocation made now, before its tensor is known."""
+        return Tag(tx.TEMPORARY, self.module, self.phase, self.step)
+
+    def context_json(self) -> str:
+        """The context string the CUDA backend stamps as thread-local memory metadata."""
+        return self.context_tag().to_json()
+
+    def tag_for(self, tensor: torch.Tensor, func: Any = None, args: tuple = ()) -> Tag:
+        """Tag of a storage first seen as the output ``tensor`` of op ``func`` (called with ``args``).
+
+        Owner is ``temporary`` unless the op is autocast's cast of a parameter (``autocast``);
+        later roles arrive as re-tags.
+        """
+        tag = Tag(tx.TEMPORARY, self.module, self.phase, self.step, dtype_name(tensor.dtype),
+                  tuple(tensor.shape))
+        st = self._stack()
+        if (func is torch.ops.aten._to_copy.default and st and st[-1][1] and args
+                and isinstance(args[0], torch.Tensor)):
+            param = self.param_name(args[0])
+            if param:
+                tag.owner, tag.param = tx.AUTOCAST, param
+        return tag
+
+    def param_name(self, t: torch.Tensor) -> str:
+        """Name of parameter ``t`` in its tracked model, "" if it is not one."""
+        hit = self._params.get(id(t))
+        return hit[1] if hit is not None and hit[0]() is t else ""
+
+    # -- install -------------------------------------------------------------------------------
+    def install(self) -> None:
+        """Register the global hooks (idempotent per context)."""
+        if self._handles:
+            return
+        self._handles = [
+            _nn_module.register_module_forward_pre_hook(self._fwd_pre),
+            _nn_module.register_module_forward_hook(self._fwd_post, always_call=True),
+            _optim_mod.register_optimizer_step_pre_hook(self._opt_pre),
+            _optim_mod.register_optimizer_step_post_hook(self._opt_post),
+        ]
+        self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._saved_hooks.__enter__()
+
+    def uninstall(self) -> None:
+        """Remove every hook this context registered."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for h in self._param_handles.values():
+            h.remove()
+        self._param_handles = {}
+        if self._saved_hooks is not None:
+            self._saved_hooks.__exit__(None, None, None)
+            self._saved_hooks = None
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _name_of(self, module: torch.nn.Module) -> str:
+        name = self._names.get(module)
+        if name is None:
+            for root in list(self._roots):  # modules added after discovery (e.g. PEFT wrapping)
+                self._index_root(root)
+            name = self._names.get(module)
+        if name is None:
+            if not self._stack():
+                self.track_model(module)
+                name = self._names.get(module, type(module).__name__)
+            else:
+                name = f"{self._stack()[-1][0]}.{type(module).__name__}"
+        return name
+
+    def _index_root(self, root: torch.nn.Module) -> None:
+        prefix = type(root).__name__
+        for n, m in root.named_modules(remove_duplicate=False):
+            if m not in self._names:
+                self._names[m] = f"{prefix}.{n}" if n else prefix
+
+    def _fwd_pre(self, module: torch.nn.Module, args: tuple) -> None:
+        outer = not self._stack()
+        # Autocast reads as off inside __torch_dispatch__, so note it where the module is entered.
+        autocast = autocast_enabled("cpu") or autocast_enabled("cuda")
+        self._stack().append((self._name_of(module), autocast))
+        if outer and not _in_backward():
+            for t in _flat_tensors(args):
+                self._listener.retag(t, self._role(t, tx.INPUT))
+        self._listener.context_changed(self)
+
+    def _root_kwargs_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        """Per-root hook: the global pre hook does not see kwargs (HF models take input_ids=...)."""
+        if len(self._stack()) == 1 and not _in_backward():
+            for t in _flat_tensors(kwargs):
+                self._listener.retag(t, self._role(t, tx.INPUT))
+
+    def _fwd_post(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        st = self._stack()
+        name = st.pop()[0] if st else ""
+        if torch.is_grad_enabled() and not _in_backward():
+            for t in _flat_tensors(output):
+                fn = t.grad_fn if isinstance(t, torch.Tensor) else None
+                if fn is not None:
+                    fn.register_prehook(self._backward_prehook(name))
+                    break
+        self._listener.context_changed(self)
+
+    def _backward_prehook(self, name: str) -> Any:
+        def prehook(grad_outputs: Any) -> None:
+            self._backward_module = name
+            self._listener.context_changed(self)
+        return prehook
+
+    def _opt_pre(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self._optimizers.add(opt)
+        self._optimizer_depth += 1
+        self.sweep_optimizer(opt)
+        self._listener.context_changed(self)
+
+    def _opt_post(self, opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self._optimizer_depth = max(0, self._optimizer_depth - 1)
+        self.sweep_optimizer(opt)
+        if not self._optimizer_depth:
+            self.step += 1
+        self._listener.context_changed(self)
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        """Saved-for-backward pack hook: re-tag, and hand back the same tensor (no copy, no ref)."""
+        self._listener.retag(t, self._role(t, tx.ACTIVATION))
+        return t
+
+    @staticmethod
+    def _unpack(t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def _grad_hook(self, name: str) -> Any:
+        def hook(p: torch.Tensor) -> None:
+            if p.grad is not None:
+                self._listener.retag(p.grad, self._role(p.grad, tx.GRADIENT, name))
+        return hook
+
+    # -- roles ---------------------------------------------------------------------------------
+    def _role(self, t: torch.Tensor, owner: str, param: str = "") -> Tag:
+        return Tag(owner, self.module, self.phase, self.step, dtype_name(t.dtype), tuple(t.shape), param)
+
+    def track_model(self, root: torch.nn.Module) -> None:
+        """Adopt ``root``: name its modules, tag its parameters/buffers, watch its gradients."""
+        if root in self._roots:
+            return
+        self._roots.add(root)
+        self._index_root(root)
+        self._handles.append(root.register_forward_pre_hook(self._root_kwargs_pre, with_kwargs=True))
+        self.sweep_model(root)
+
+    def sweep_model(self, root: torch.nn.Module) -> None:
+        """Re-tag parameters (weight/trainable), buffers, quantization state and ``.grad``."""
+        prefix = type(root).__name__
+        for name, p in root.named_parameters():
+            owner = tx.TRAINABLE if p.requires_grad else tx.WEIGHT
+            self._params[id(p)] = (weakref.ref(p), name)
+            self._listener.retag(p, Tag(owner, f"{prefix}.{name.rpartition('.')[0]}".rstrip("."),
+                                        "setup", self.step, dtype_name(p.dtype), tuple(p.shape), name))
+            if p.requires_grad and id(p) not in self._param_handles:
+                self._param_handles[id(p)] = p.register_post_accumulate_grad_hook(self._grad_hook(name))
+            if p.grad is not None:
+                self._listener.retag(p.grad, self._role(p.grad, tx.GRADIENT, name))
+            for attr, v in vars(p).items():
+                for q in _tensors_in(v):
+                    self._listener.retag(q, Tag(tx.QUANT_STATE, "", "setup", self.step,
+                                                dtype_name(q.dtype), tuple(q.shape), f"{name}.{attr}"))
+        for name, b in root.named_buffers():
+            self._listener.retag(b, Tag(tx.WEIGHT, "", "setup", self.step, dtype_name(b.dtype),
+                                        tuple(b.shape), name))
+        for mname, m in root.named_modules():
+            state = getattr(m, "state", None)
+            if type(state).__name__ == "MatmulLtState":
+                for q in _tensors_in(state):
+                    self._listener.retag(q, Tag(tx.QUANT_STATE, "", "setup", self.step,
+                                                dtype_name(q.dtype), tuple(q.shape), f"{mname}.state"))
+
+    def sweep_optimizer(self, opt: torch.optim.Optimizer) -> None:
+        """Re-tag an optimizer's state (created lazily on the first step) and its params' grads."""
+        for group in opt.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._listener.retag(p.grad, self._role(p.grad, tx.GRADIENT, self.param_name(p)))
+        for p, st in list(opt.state.items()):
+            name = self.param_name(p) if isinstance(p, torch.Tensor) else ""
+            for t in _tensors_in(st):
+                self._listener.retag(t, self._role(t, tx.OPTIMIZER, name))
+        for attr, v in vars(opt).items():  # e.g. bitsandbytes' name2qmap quantization maps
+            if attr not in ("state", "param_groups", "defaults"):
+                for t in _tensors_in(v):
+                    self._listener.retag(t, self._role(t, tx.OPTIMIZER, ""))
+
+    def sweep(self) -> None:
+        """Re-tag everything known (called before a dump so late roles are not missed)."""
+        for root in list(self._roots):
+            self.sweep_model(root)
+        for opt in list(self._optimizers):
+            self.sweep_optimizer(opt)
