@@ -262,14 +262,16 @@ def training_step(recipe: Recipe, vocab_size: int) -> Callable[[nn.Module, torch
     return step
 
 
-def simulate_recipe(recipe: Recipe, *, fake: bool = True, settings: Any = None) -> "SimulationResult":
+def simulate_recipe(recipe: Recipe, *, fake: bool = True, stacks: bool = False) -> "SimulationResult":
     """Simulate (or, with ``fake=False``, really run on CPU) ``recipe.steps`` training steps."""
     from vramtrace.simulate.core import paused, simulate_step
     vocab = load_config(recipe.model).vocab_size
+    if recipe.lora_r or recipe.prepare_kbit:
+        import peft.tuners  # noqa: F401  (import-time constants must not count as step memory)
 
     def factory() -> tuple[nn.Module, torch.optim.Optimizer]:
         model = build_model(recipe, paused)
         return model, make_optimizer(recipe, model)
 
     return simulate_step(factory, training_step(recipe, vocab), steps=recipe.steps, fake=fake,
-                         settings=settings, recipe=recipe.to_dict())
+                         stacks=stacks, recipe=recipe.to_dict())
