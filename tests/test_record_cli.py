@@ -248,6 +248,18 @@ def test_finalize_joins_retags_to_the_allocation_live_at_the_time():
     assert act["owner"] == "activation" and act["module"] == "m.fc"   # where it was allocated stays
 
 
+def test_finalize_retag_slightly_before_its_alloc_on_the_allocator_clock():
+    a = 0x1000
+    trace = [_ev("alloc", a, 512, 100, _tag("temporary")),
+             _ev("free_requested", a, 512, 150), _ev("free_completed", a, 512, 150),
+             _ev("alloc", a, 512, 210, _tag("temporary")),      # clock says: after the re-tag
+             _ev("alloc", 0x2000, 512, 5000, _tag("temporary"))]
+    retags = [_Retag(200, 0, a, _tag("activation")),           # nothing live at a at t=200
+              _Retag(300, 0, 0x2000, _tag("activation"))]      # too long before its alloc: dropped
+    finalize({"segments": [], "device_traces": [trace]}, retags)
+    assert [e["category"] for e in trace] == ["temporary"] * 3 + ["activation", "temporary"]
+
+
 def test_finalize_unknown_owner_names_become_unknown():
     trace = [_ev("alloc", 0x1000, 512, 1, _tag("my-own-owner")), _ev("alloc", 0x2000, 512, 2, "free text")]
     snap = finalize({"segments": [], "device_traces": [trace]}, [])

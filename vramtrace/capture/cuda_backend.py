@@ -116,6 +116,14 @@ class CudaBackend:
             torch.cuda._lazy_call(self._enable)
 
     def _enable(self) -> None:
+        """Runs inside torch's CUDA initialisation, where an exception would break the
+        program's first CUDA call: failures are reported and recording stays off."""
+        try:
+            self._enable_now()
+        except Exception as exc:  # noqa: BLE001 - the user's CUDA init must not fail because of us
+            print(f"vramtrace: could not start CUDA recording: {exc}", file=sys.stderr)
+
+    def _enable_now(self) -> None:
         global _oom_target, _oom_attached
         if not self._armed or self.started:
             return
@@ -220,67 +228,82 @@ def finalize(snap: dict, retags: list[_Retag]) -> dict:
     """Set ``category`` (owner) on every trace event and fold re-tags into their allocations.
 
     Walks each device's trace in order keeping the alloc event live at each address; a re-tag
-    at time t applies to the allocation live at its address at t, if its owner's priority is at
-    least the current one (``tagging.OWNER_PRIORITY``). Frees take their allocation's owner;
-    segment, snapshot and oom events are ``unknown``. Mutates and returns ``snap``."""
+    made at time t applies to the allocation live at its address at t, if its owner's priority
+    is at least the current one (``tagging.OWNER_PRIORITY``). The allocator's clock and Python's
+    can disagree by a few microseconds, so a re-tag that finds nothing live at its address goes
+    to the next allocation there if that one is at most ``RETAG_SLACK_US`` later. Frees and
+    annotate events take their allocation's owner; segment, snapshot and oom events are
+    ``unknown``. Mutates and returns ``snap``."""
     by_device: dict[int, list[_Retag]] = collections.defaultdict(list)
     for r in retags:
         by_device[r.device].append(r)
     for device, trace in enumerate(snap.get("device_traces", [])):
-        pending = sorted(by_device.get(device, []), key=lambda r: r.time_us)
-        times = [r.time_us for r in pending]
-        _finalize_device(trace, pending, times)
+        _DeviceTags(sorted(by_device.get(device, []), key=lambda r: r.time_us)).run(trace)
     return snap
 
 
-def _finalize_device(trace: list[dict], pending: list[_Retag], times: list[int]) -> None:
-    live: dict[int, dict] = {}      # addr -> alloc event
-    meta: dict[int, dict] = {}      # id(alloc event) -> current tag
-    done = 0
+RETAG_SLACK_US = 1000
 
-    def apply(upto: int) -> None:
-        nonlocal done
-        for r in pending[done:upto]:
-            event = live.get(r.addr)
+
+class _DeviceTags:
+    def __init__(self, retags: list[_Retag]) -> None:
+        self.retags = retags
+        self.times = [r.time_us for r in retags]
+        self.done = 0
+        self.live: dict[int, dict] = {}        # addr -> alloc event live there
+        self.tags: dict[int, dict] = {}        # id(alloc event) -> its tag so far
+        self.orphans: dict[int, _Retag] = {}   # addr -> re-tag that found nothing live yet
+        self.changed: set[int] = set()         # id(alloc event) whose tag a re-tag changed
+
+    def run(self, trace: list[dict]) -> None:
+        owner_of: list[tuple[dict, dict | None]] = []   # (free/annotate event, its alloc)
+        for event in trace:
+            t = event.get("time_us")
+            if t is not None:
+                self._apply_until(bisect.bisect_left(self.times, t))
+            action, addr = event.get("action"), event.get("addr")
+            if action == "alloc":
+                self._alloc(event, addr, t)
+            elif action in _FREES or action == "annotate":
+                alloc = self.live.get(addr)
+                if action == "annotate" and alloc is not None:
+                    self._retag(alloc, _metadata(event.get("user_metadata")))
+                owner_of.append((event, alloc))
+                if action == "free_completed":
+                    self.live.pop(addr, None)
+            else:
+                event["category"] = tx.UNKNOWN
+        self._apply_until(len(self.retags))
+        for event in trace:
+            if event.get("action") == "alloc":
+                tag = self.tags[id(event)]
+                event["category"] = _owner(tag)
+                if id(event) in self.changed:
+                    event["user_metadata"] = json.dumps(tag, separators=(",", ":"))
+        for event, alloc in owner_of:
+            tag = self.tags[id(alloc)] if alloc is not None else {}
+            event["category"] = _owner(tag)
+            if event["action"] == "annotate" and tag:
+                event["user_metadata"] = json.dumps(tag, separators=(",", ":"))
+
+    def _alloc(self, event: dict, addr: int, t: int | None) -> None:
+        self.live[addr] = event
+        self.tags[id(event)] = _metadata(event.get("user_metadata"))
+        orphan = self.orphans.pop(addr, None)
+        if orphan is not None and t is not None and t - orphan.time_us <= RETAG_SLACK_US:
+            self._retag(event, _metadata(orphan.metadata))
+
+    def _apply_until(self, upto: int) -> None:
+        for r in self.retags[self.done:upto]:
+            event = self.live.get(r.addr)
             if event is None:
-                continue
-            new = _metadata(r.metadata)
-            cur = meta[id(event)]
-            if OWNER_PRIORITY.get(_owner(new), 0) >= OWNER_PRIORITY.get(_owner(cur), 0):
-                meta[id(event)] = _merge(cur, new)
-        done = max(done, upto)
+                self.orphans[r.addr] = r
+            else:
+                self._retag(event, _metadata(r.metadata))
+        self.done = max(self.done, upto)
 
-    for event in trace:
-        t = event.get("time_us")
-        if t is not None:
-            apply(bisect.bisect_left(times, t))
-        action = event.get("action")
-        addr = event.get("addr")
-        if action == "alloc":
-            live[addr] = event
-            meta[id(event)] = _metadata(event.get("user_metadata"))
-        elif action in _FREES or action == "annotate":
-            alloc = live.get(addr)
-            if action == "annotate" and alloc is not None:
-                own = _metadata(event.get("user_metadata"))
-                if OWNER_PRIORITY.get(_owner(own), 0) >= OWNER_PRIORITY.get(_owner(meta[id(alloc)]), 0):
-                    meta[id(alloc)] = _merge(meta[id(alloc)], own)
-            event["_alloc"] = alloc
-            if action == "free_completed":
-                live.pop(addr, None)
-        else:
-            event["category"] = tx.UNKNOWN
-    apply(len(pending))
-    for event in trace:
-        action = event.get("action")
-        if action == "alloc":
-            tag = meta.get(id(event), {})
-            event["category"] = _owner(tag)
-            if tag:
-                event["user_metadata"] = json.dumps(tag, separators=(",", ":"))
-        elif "_alloc" in event:
-            alloc = event.pop("_alloc")
-            tag = meta.get(id(alloc), {}) if alloc is not None else {}
-            event["category"] = _owner(tag)
-            if action == "annotate" and tag:
-                event["user_metadata"] = json.dumps(tag, separators=(",", ":"))
+    def _retag(self, alloc: dict, new: dict) -> None:
+        cur = self.tags[id(alloc)]
+        if OWNER_PRIORITY.get(_owner(new), 0) >= OWNER_PRIORITY.get(_owner(cur), 0):
+            self.tags[id(alloc)] = _merge(cur, new)
+            self.changed.add(id(alloc))
