@@ -1,11 +1,12 @@
 """Comparable points of a run: where two runs are looked at side by side.
 
 Event indices mean nothing across runs, so runs are compared at points with the same meaning:
-each run's own peak, its end, the end of the first forward pass, the end of backward just before
+each run's own peak, its peak once training began (a loading spike is not what a fine-tune
+needs), its end, the end of the first forward pass, the end of backward just before
 the first optimizer step, and the state after that step. The phase points come from the phase that
 vramtrace's tags stamp on each allocation (its creation context); files without tags get the
 phase guessed from the allocation's stack frames, and where neither finds the point it falls
-back to the peak (forward, backward) or the end (optimizer), marked as such.
+back to the peak (train-peak, forward, backward) or the end (optimizer), marked as such.
 """
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from vramtrace.attribution.classify import GUESS_OPTIMIZER, guess_phase
 from vramtrace.replay.timeline import DeviceTimeline
 from vramtrace.trace import Action, Trace
 
-PEAK, END, FORWARD, BACKWARD, OPTIMIZER = "peak", "end", "forward", "backward", "optimizer"
-POINTS: tuple[str, ...] = (PEAK, FORWARD, BACKWARD, OPTIMIZER, END)
-POINT_LABELS = {PEAK: "at each run's peak", FORWARD: "at the end of the first forward pass",
+PEAK, TRAIN, END = "peak", "train-peak", "end"
+FORWARD, BACKWARD, OPTIMIZER = "forward", "backward", "optimizer"
+POINTS: tuple[str, ...] = (PEAK, TRAIN, FORWARD, BACKWARD, OPTIMIZER, END)
+POINT_LABELS = {PEAK: "at each run's peak", TRAIN: "at each run's peak once training began (setup excluded)",
+                FORWARD: "at the end of the first forward pass",
                 BACKWARD: "at the end of backward, before the first optimizer step",
                 OPTIMIZER: "after the first optimizer step", END: "at the end of the trace"}
 
@@ -52,6 +55,11 @@ def resolve(trace: Trace, tl: DeviceTimeline, name: str) -> Point:
     return Point(name, tl.end_index if name == OPTIMIZER else tl.peak_index, True)
 
 
+def _train_peak(tl: DeviceTimeline, start: int) -> int:
+    """Peak of allocated bytes after event ``start`` - 1 (a loading spike is not a training peak)."""
+    return start + int(np.argmax(tl.allocated[start:]))
+
+
 def _phase_points(trace: Trace, tl: DeviceTimeline) -> dict[str, int]:
     """End of first forward/backward and after the first optimizer step, from alloc phases."""
     sl = tl.events
@@ -62,6 +70,7 @@ def _phase_points(trace: Trace, tl: DeviceTimeline) -> dict[str, int]:
     if not len(bwd) or not (phase[:bwd[0]] == _FWD).any():
         return out
     b0 = int(bwd[0])
+    out[TRAIN] = _train_peak(tl, int(allocs[int(np.flatnonzero(phase == _FWD)[0])]))
     out[FORWARD] = int(allocs[b0]) - 1
     opt = np.flatnonzero((phase == _OPT) & (np.arange(len(phase)) > b0))
     if not len(opt):
