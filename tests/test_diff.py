@@ -230,14 +230,22 @@ REST_7B = 2 * 32000 * 4096 + 65 * 4096                       # embeddings, lm_he
 
 
 @pytest.mark.slow
-def test_7b_quickstart_per_owner_at_each_peak(tmp_path):
+def test_7b_quickstart_per_owner_at_each_training_peak(tmp_path):
+    """The figures of docs/int8-vs-fp16.md: exact where the dimensions fix them."""
     int8, fp16 = Q.make_runs("7b", tmp_path)
-    diff = diff_runs(units_of(load_trace(int8)), units_of(load_trace(fp16)), ("peak",), "owner")
-    rows = {(r["owner"], r["dtype"]): r for r in diff["points"][0]["rows"]}
-    assert rows[("weight", "int8")]["a_requested"] == LINEAR_7B
-    assert rows[("weight", "fp32")]["a_requested"] >= 4 * REST_7B
-    assert rows[("weight", "fp16")]["b_requested"] >= 2 * (LINEAR_7B + REST_7B)
-    # the fp16 run keeps a bf16 copy of (almost) every frozen linear weight and lm_head for backward
-    autocast = sum(r["b_requested"] for (o, _), r in rows.items() if o == "autocast")
-    assert autocast == pytest.approx(2 * (LINEAR_7B + 32000 * 4096), rel=0.02)
-    assert diff["peak"]["b"] > 2 * diff["peak"]["a"]
+    diff = diff_runs(units_of(load_trace(int8)), units_of(load_trace(fp16)), ("train-peak", "optimizer"), "owner")
+    peak, after_step = ({(r["owner"], r["dtype"]): r for r in p["rows"]} for p in diff["points"])
+    lora = 4_194_304
+    assert peak[("weight", "int8")]["a_requested"] == LINEAR_7B
+    assert peak[("quant_state", "fp32")]["a_requested"] == 32 * (4 * 4096 + 2 * 11008 + 4096) * 4
+    assert peak[("weight", "fp32")]["a_requested"] - 4 * REST_7B < 1024            # + RoPE buffers
+    assert peak[("weight", "fp16")]["b_requested"] == 2 * (LINEAR_7B + REST_7B)
+    for owner in ("trainable", "gradient"):
+        assert peak[(owner, "fp32")]["a_requested"] == peak[(owner, "fp32")]["b_requested"] == 4 * lora
+    assert after_step[("optimizer", "fp32")]["delta_requested"] == 0
+    assert after_step[("optimizer", "fp32")]["a_requested"] == 8 * lora + 4 * 128       # + 128 step scalars
+    # fp16 run: a bf16 copy of every frozen linear weight but layer 0's q/k/v, of lm_head, and of LoRA
+    copies = 2 * (LINEAR_7B - 3 * 4096 * 4096 + 32000 * 4096 + lora)
+    assert peak[("autocast", "bf16")]["b_requested"] == copies
+    assert peak[("autocast", "bf16")]["a_requested"] == 2 * 32000 * 4096                # int8 run: lm_head only
+    assert diff["points"][0]["b"]["allocated"] > 3 * diff["points"][0]["a"]["allocated"]
