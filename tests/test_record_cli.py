@@ -144,6 +144,15 @@ def test_steps_window_keeps_only_those_steps(tmp_path):
     assert "never began" in late.stderr and not (tmp_path / "late.pkl").exists()
 
 
+def test_spawned_children_get_their_own_file_only_if_they_recorded(tmp_path):
+    out = record("--backend", "cpu", "--", sys.executable, SCRIPTS / "spawn_children.py", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    names = sorted(re.sub(r"\d+", "N", p.name) for p in tmp_path.glob("*.pkl"))
+    assert names == ["vramtrace-spawn_children.N.pidN.pkl", "vramtrace-spawn_children.N.pkl"]
+    for p in tmp_path.glob("*.pkl"):
+        check_file(p)
+
+
 def test_command_without_torch_writes_nothing(tmp_path):
     out = record("--", sys.executable, "-c", "print('hi')", cwd=tmp_path)
     assert out.returncode == 0 and out.stdout == "hi\n"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import site
 import subprocess
 import sys
 import tempfile
@@ -139,7 +140,9 @@ def child_environment(opts: RecordOptions, base: Path, manifest: Path,
                       environ: dict[str, str] | None = None) -> dict[str, str]:
     """The command's environment: the caller's plus the bootstrap on PYTHONPATH and the settings."""
     env = dict(os.environ if environ is None else environ)
-    paths = [str(BOOTSTRAP_PATH), str(PACKAGE_ROOT)]
+    paths = [str(BOOTSTRAP_PATH)]
+    if not _installed():   # a source checkout: the child must find vramtrace here too
+        paths.append(str(PACKAGE_ROOT))
     if env.get("PYTHONPATH"):
         paths.append(env["PYTHONPATH"])
     env["PYTHONPATH"] = os.pathsep.join(paths)
@@ -153,6 +156,13 @@ def child_environment(opts: RecordOptions, base: Path, manifest: Path,
     else:
         env.pop(ENV_STEPS, None)
     return env
+
+
+def _installed() -> bool:
+    """Whether vramtrace lives in a site-packages directory (then never put that on PYTHONPATH:
+    it would reorder every import of the child)."""
+    roots = {Path(p).resolve() for p in [*site.getsitepackages(), site.getusersitepackages()]}
+    return PACKAGE_ROOT in roots
 
 
 def written_files(manifest: Path) -> list[Path]:

@@ -12,6 +12,7 @@ from vramtrace.capture.launcher import (BACKENDS, DEFAULT_MAX_ENTRIES, STACKS, L
 from vramtrace.commands.common import UserError
 
 TOP_OWNERS = 3
+SUMMARY_MAX_BYTES = 256 << 20   # larger files take a while to load: only point to `report`
 
 
 @click.command("record", context_settings={"ignore_unknown_options": True,
@@ -65,7 +66,10 @@ def summary_lines(path: Path) -> list[str]:
     from vramtrace.trace import load_trace
 
     shown = _display(path)
-    head = f"vramtrace: wrote {shown} ({fmt_bytes(path.stat().st_size)})"
+    size = path.stat().st_size
+    head = f"vramtrace: wrote {shown} ({fmt_bytes(size)})"
+    if size > SUMMARY_MAX_BYTES:
+        return [head, f"  summary skipped for a file this large: vramtrace report {shown}"]
     try:
         devices = build_report(load_trace(path))["devices"]
     except (SnapshotError, ValueError) as exc:

@@ -130,7 +130,7 @@ class Session:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.pid = os.getpid()
-        self.path = output_path(settings, self.pid)
+        self.path, self.extra = output_path(settings, self.pid)
         self.steps_done = 0
         self._optimizer: Any = None
         self._step_hook: Any = None
@@ -175,6 +175,9 @@ class Session:
             recorder.stop()
         except OSError as exc:
             print(f"vramtrace: could not write {self.path}: {exc.strerror or exc}", file=sys.stderr)
+            return
+        if self.extra and _empty(self.path):
+            self.path.unlink()
 
     @contextlib.contextmanager
     def _critical(self) -> Iterator[None]:
@@ -262,14 +265,25 @@ def _die_of(signo: int) -> None:
     os.kill(os.getpid(), signo)
 
 
-def output_path(settings: Settings, pid: int) -> Path:
-    """This process's file: per rank, else the base for the first process, else per pid."""
+def output_path(settings: Settings, pid: int) -> tuple[Path, bool]:
+    """This process's file: per rank, else the base for the first process, else per pid; and
+    whether it is such an extra process (a DataLoader worker, say), whose file is kept only if
+    it recorded something."""
     rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK")
     if rank is not None and rank.isdigit():
-        return L.variant(settings.base, f"rank{rank}")
+        return L.variant(settings.base, f"rank{rank}"), False
     if settings.manifest is None or _claim(settings.manifest):
-        return settings.base
-    return L.variant(settings.base, f"pid{pid}")
+        return settings.base, False
+    return L.variant(settings.base, f"pid{pid}"), True
+
+
+def _empty(path: Path) -> bool:
+    """A snapshot without segments or events (only small files are read to find out)."""
+    if path.stat().st_size > 4096:
+        return False
+    from vramtrace.snapshot.load import load_snapshot
+    snap = load_snapshot(path)
+    return not snap["segments"] and not any(snap["device_traces"])
 
 
 def _claim(manifest: Path) -> bool:

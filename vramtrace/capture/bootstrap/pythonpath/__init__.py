@@ -1,0 +1,1 @@
+"""Only here so packaging ships sitecustomize.py; this folder itself goes on PYTHONPATH."""
