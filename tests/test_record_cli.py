@@ -244,6 +244,7 @@ def test_finalize_joins_retags_to_the_allocation_live_at_the_time():
              _ev("free_requested", a, 512, 20), _ev("free_completed", a, 512, 20),
              _ev("snapshot", 0, 0, 30)]
     retags = [_Retag(7, 0, a, _tag("activation", module="m.act")),
+              _Retag(8, 0, a, _tag("input")),                    # made inside forward: not an input
               _Retag(9, 0, b, _tag("gradient", param="fc.weight", phase="backward")),
               _Retag(10, 0, b, _tag("activation")),              # lower priority: ignored
               _Retag(3, 1, a, _tag("weight"))]                   # another device: no trace there

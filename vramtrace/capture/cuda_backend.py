@@ -304,6 +304,8 @@ class _DeviceTags:
 
     def _retag(self, alloc: dict, new: dict) -> None:
         cur = self.tags[id(alloc)]
+        if _owner(new) == tx.INPUT and cur.get("phase", "setup") != "setup":
+            return  # as the CPU backend: only tensors made outside the model's forward are inputs
         if OWNER_PRIORITY.get(_owner(new), 0) >= OWNER_PRIORITY.get(_owner(cur), 0):
             self.tags[id(alloc)] = _merge(cur, new)
             self.changed.add(id(alloc))
