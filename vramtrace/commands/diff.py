@@ -9,7 +9,7 @@ import click
 
 from vramtrace.commands.common import UserError, open_trace, stdout_console
 from vramtrace.diff.compare import GROUPS, Unit, diff_runs, exceeds, units_of
-from vramtrace.diff.flame import diff_tree, folded, html_page, svg
+from vramtrace.diff.flame import folded, html, run_trees, svg
 from vramtrace.diff.points import POINTS
 from vramtrace.diff.render import headline, render_markdown, render_text
 from vramtrace.snapshot.load import SnapshotError
@@ -94,14 +94,14 @@ def diff_command(runs: tuple[str, ...], at: str, group: str, fmt: str, fail_pct:
 
 def _write_flame(diff: dict, path: Path) -> None:
     point = diff["points"][0]
-    tree = diff_tree(point)
+    a, b = run_trees(point)
     title = f"vramtrace diff {point['label']}: {diff['a']['label']} -> {diff['b']['label']}"
     if path.suffix == ".folded":
-        text = folded(tree)
+        text = folded(a, b)
     elif path.suffix == ".svg":
-        text = svg(tree, title)
+        text = svg(a, b, title, headline(diff))
     else:
-        text = html_page(tree, title, [headline(diff), *point["explanation"]])
+        text = html(a, b, title, [headline(diff), *point["explanation"]])
     try:
         path.write_text(text, encoding="utf-8")
     except OSError as exc:

@@ -1,148 +1,66 @@
-"""Differential flame graph of one comparable point: folded stacks and a self-contained SVG/HTML.
+"""Differential flame graph of one comparable point: folded stacks, SVG and HTML.
 
-The tree's paths follow the diff's grouping: owner > dtype > phase > module path (``owner``
-and ``module`` groups) or owner > Python frames outermost first (``stack``). Folded output is
-the two-column format of Brendan Gregg's ``difffolded.pl`` (``frame;frame A_bytes B_bytes``),
-which ``flamegraph.pl`` draws as a differential flame graph. The SVG/HTML drawn here needs
-nothing from the network: a node is as wide as the larger of its two runs' bytes and coloured
-red where B grew, blue where it shrank.
+The paths follow the diff's grouping: owner > dtype > phase > module path (``owner`` and
+``module`` groups) or owner > Python frames outermost first (``stack``). Each run's cells
+become a flame tree of the shared model (``vramtrace.render.flame``), drawn by its renderers:
+widths are B's bytes and colour says what grew (red) or shrank (blue) against A. Stacks only A
+has take no width there, so the HTML page adds the reverse view (widths of A). The folded
+output is the two-column format of Brendan Gregg's ``difffolded.pl`` (``frame;frame A B``),
+which ``flamegraph.pl`` draws as a differential flame graph.
 """
 from __future__ import annotations
 
-import html
-from dataclasses import dataclass, field
-from typing import Iterator
+from html import escape
 
-from vramtrace.render.units import fmt_bytes, fmt_signed_bytes
-
-WIDTH = 1200
-ROW = 18
-CHAR = 7              # px per character of the 12 px monospace label
-MIN_LABEL_PX = 30
-
-
-@dataclass
-class FlameNode:
-    """A frame of the diff tree: bytes of A and B in its subtree, and bytes ending here."""
-
-    name: str
-    a: int = 0
-    b: int = 0
-    self_a: int = 0
-    self_b: int = 0
-    children: dict[str, "FlameNode"] = field(default_factory=dict)
-
-    @property
-    def delta(self) -> int:
-        return self.b - self.a
-
-    @property
-    def width(self) -> int:
-        """Layout weight: the larger run's bytes ending here plus the children's weights."""
-        return max(self.self_a, self.self_b) + sum(c.width for c in self.children.values())
-
-    def add(self, path: list[str], a: int, b: int) -> None:
-        node = self
-        node.a, node.b = node.a + a, node.b + b
-        for name in path:
-            node = node.children.setdefault(name, FlameNode(name))
-            node.a, node.b = node.a + a, node.b + b
-        node.self_a, node.self_b = node.self_a + a, node.self_b + b
+from vramtrace.render.flame import ROOT, FlameNode, diff_tree
+from vramtrace.render.flame_html import flame_section, html_page
+from vramtrace.render.flame_svg import render_flame_svg
 
 
 def cell_path(row: dict) -> list[str]:
     """A diff cell's frames: owner > dtype > phase > module parts, or owner > stack frames."""
-    clean = [str(row["owner"])]
+    path = [str(row["owner"])]
     if row.get("stack"):
-        clean += row["stack"].split(";")
+        path += row["stack"].split(";")
     else:
-        clean += [str(row.get("dtype", "-")), str(row.get("phase", "-"))]
-        clean += [p for p in str(row.get("module", "-")).split(".") if p]
-    return [p.replace(";", ":") or "-" for p in clean]
+        path += [str(row.get("dtype", "-")), str(row.get("phase", "-"))]
+        path += [p for p in str(row.get("module", "-")).split(".") if p]
+    return [p.replace(";", ",") or "-" for p in path]
 
 
-def diff_tree(point: dict) -> FlameNode:
-    """The tree of one point of ``diff_runs``'s result (its ``cells``)."""
-    root = FlameNode("all")
+def run_trees(point: dict) -> tuple[FlameNode, FlameNode]:
+    """Flame trees of runs A and B at one point of ``diff_runs``'s result (its ``cells``)."""
+    a, b = FlameNode(ROOT), FlameNode(ROOT)
     for row in point["cells"]:
-        if row["a"] or row["b"]:
-            root.add(cell_path(row), row["a"], row["b"])
-    return root
+        path = cell_path(row)
+        if row["a"]:
+            a.add(path, row["a"], row["a_count"])
+        if row["b"]:
+            b.add(path, row["b"], row["b_count"])
+    return a, b
 
 
-def folded(root: FlameNode) -> str:
-    """``frame;frame A B`` lines, one per path that has bytes ending at it."""
+def folded(a: FlameNode, b: FlameNode) -> str:
+    """``frame;frame A_BYTES B_BYTES`` lines, one per path that holds bytes itself in A or B."""
     lines = []
-    for path, node in _walk(root, []):
-        if node.self_a or node.self_b:
-            lines.append(f"{';'.join(path)} {node.self_a} {node.self_b}")
+    for path, node in diff_tree(a, b).walk():
+        self_a = (node.before or 0) - sum(c.before or 0 for c in node.children.values())
+        if self_a or node.self_value:
+            lines.append(f"{';'.join(path)} {self_a} {node.self_value}")
     return "\n".join(lines) + ("\n" if lines else "")
 
 
-def _walk(node: FlameNode, path: list[str]) -> Iterator[tuple[list[str], FlameNode]]:
-    for child in sorted(node.children.values(), key=lambda c: -c.width):
-        p = path + [child.name]
-        yield p, child
-        yield from _walk(child, p)
+def svg(a: FlameNode, b: FlameNode, title: str, subtitle: str = "") -> str:
+    """Standalone SVG: widths of B, coloured by the change against A."""
+    return render_flame_svg(b, diff=a, title=title, subtitle=subtitle)
 
 
-def svg(root: FlameNode, title: str, standalone: bool = True) -> str:
-    """The tree as an SVG flame graph (root at the bottom); ``standalone`` adds the xmlns."""
-    depth = _depth(root)
-    height = (depth + 1) * ROW + 2 * ROW
-    scale = (WIDTH - 20) / root.width if root.width else 0.0
-    rects: list[str] = []
-    _draw(root, 10.0, depth, scale, rects)
-    ns = ' xmlns="http://www.w3.org/2000/svg"' if standalone else ""
-    return (f'<svg{ns} width="{WIDTH}" height="{height}" viewBox="0 0 {WIDTH} {height}" '
-            f'font-family="monospace" font-size="12">'
-            f'<text x="10" y="14" font-size="14">{html.escape(title)}</text>'
-            f'<g transform="translate(0,{2 * ROW})">{"".join(rects)}</g></svg>')
-
-
-def _depth(node: FlameNode) -> int:
-    return 1 + max((_depth(c) for c in node.children.values()), default=0) if node.children else 0
-
-
-def _draw(node: FlameNode, x: float, level: int, scale: float, out: list[str]) -> None:
-    w = node.width * scale
-    if w < 0.5:
-        return
-    y = level * ROW
-    tip = (f"{node.name}\nA {fmt_bytes(node.a)}  B {fmt_bytes(node.b)}  "
-           f"delta {fmt_signed_bytes(node.delta)}")
-    out.append(f'<g><title>{html.escape(tip)}</title><rect x="{x:.1f}" y="{y}" width="{w:.1f}" '
-               f'height="{ROW - 1}" fill="{_colour(node)}" rx="2"/>')
-    if w >= MIN_LABEL_PX:
-        n = int(w // CHAR) - 1
-        label = node.name if len(node.name) <= n else node.name[:max(n - 1, 1)] + "…"
-        out.append(f'<text x="{x + 3:.1f}" y="{y + ROW - 5}">{html.escape(label)}</text>')
-    out.append("</g>")
-    cx = x + max(node.self_a, node.self_b) * scale
-    for child in sorted(node.children.values(), key=lambda c: -c.width):
-        _draw(child, cx, level - 1, scale, out)
-        cx += child.width * scale
-
-
-def _colour(node: FlameNode) -> str:
-    """Red where B grew, blue where it shrank, grey when equal; stronger for larger change."""
-    big = max(node.a, node.b)
-    if not big or not node.delta:
-        return "rgb(220,220,220)"
-    k = 0.2 + 0.8 * min(1.0, abs(node.delta) / big)
-    fade = int(235 - 175 * k)
-    return f"rgb(235,{fade},{fade})" if node.delta > 0 else f"rgb({fade},{fade},235)"
-
-
-def html_page(root: FlameNode, title: str, summary: list[str]) -> str:
-    """One offline HTML page: the SVG inline (no xmlns, no scripts, no links) and a summary."""
-    items = "".join(f"<li>{html.escape(s)}</li>" for s in summary)
-    return ("<!doctype html><html><head><meta charset=\"utf-8\">"
-            f"<title>{html.escape(title)}</title>"
-            "<style>body{font-family:sans-serif;margin:1em}"
-            ".grew{background:rgb(235,60,60)}.shrank{background:rgb(60,60,235)}"
-            ".key{display:inline-block;width:1em;height:1em;vertical-align:middle}</style></head><body>"
-            f"<h2>{html.escape(title)}</h2><ul>{items}</ul>"
-            "<p><span class=\"key grew\"></span> grew in B &nbsp; <span class=\"key shrank\"></span> shrank in B"
-            " &nbsp; width: the larger of the two runs; hover a frame for its bytes</p>"
-            f"{svg(root, title, standalone=False)}</body></html>\n")
+def html(a: FlameNode, b: FlameNode, title: str, summary: list[str]) -> str:
+    """One offline page: B against A, then A against B (what only A held), with the summary."""
+    items = "".join(f"<li>{escape(line)}</li>" for line in summary)
+    body = (f"<h1>{escape(title)}</h1><ul>{items}</ul>"
+            "<h2>B against A</h2><p class=muted>Widths: bytes of B; red grew, blue shrank against A.</p>"
+            + flame_section(b, a) +
+            "<h2>A against B</h2><p class=muted>Widths: bytes of A, so what only A held shows; "
+            "colours read reversed (red: A held more).</p>" + flame_section(a, b))
+    return html_page(title, body)
