@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass, field, asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -65,6 +65,7 @@ class Recipe:
     optimizer: str = "adamw"
     grad_accum: int = 1
     steps: int = 1
+    use_cache: bool | None = None           # None: the config's value (Llama-2 ships True)
     lr: float = 1e-4
 
     def __post_init__(self) -> None:
@@ -171,6 +172,8 @@ def build_model(recipe: Recipe, paused: Callable[[], contextlib.AbstractContextM
     """
     from transformers import AutoModelForCausalLM
     config = load_config(recipe.model)
+    if recipe.use_cache is not None:
+        config.use_cache = recipe.use_cache
     dtype = DTYPES[recipe.dtype]
     with paused():
         torch.manual_seed(0)

@@ -1,0 +1,102 @@
+"""GPU catalogue: capacity and the memory a process loses before its first tensor.
+
+``total_bytes`` is the "memory.total" nvidia-smi prints (MiB x 2**20). ``context_bytes`` is
+what a PyTorch process holds outside the caching allocator once it has run a training step:
+the CUDA context (driver state, lazily loaded kernel images, cuDNN/cuBLAS handles). The cuBLAS
+workspace goes through the caching allocator since PyTorch 1.11 but is not seen by the
+simulation (it is made by the CUDA build only), so it is added to the reserved prediction.
+Justification and sources: docs/simulation.md, "GPU catalogue".
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MiB = 1 << 20
+
+# cuBLAS workspace PyTorch allocates per (handle, stream): ":4096:8" (32 MiB) on Hopper and newer,
+# ":4096:2:16:8" (8 MiB + 128 KiB) before (aten/src/ATen/cuda/CublasHandlePool.cpp).
+CUBLAS_WS_HOPPER = 4096 * 1024 * 8
+CUBLAS_WS_DEFAULT = 4096 * 1024 * 2 + 16 * 1024 * 8
+
+
+@dataclass(frozen=True)
+class GPU:
+    """One GPU model as a training process sees it."""
+    name: str
+    total_bytes: int
+    context_bytes: int
+    cublas_workspace_bytes: int
+    arch: str
+
+    @property
+    def usable_bytes(self) -> int:
+        """What the caching allocator can reserve: total minus context and cuBLAS workspace."""
+        return self.total_bytes - self.context_bytes - self.cublas_workspace_bytes
+
+
+def _gpu(name: str, total_mib: int, context_mib: int, arch: str) -> GPU:
+    ws = CUBLAS_WS_HOPPER if arch in ("hopper",) else CUBLAS_WS_DEFAULT
+    return GPU(name, total_mib * MiB, context_mib * MiB, ws, arch)
+
+
+GPUS: dict[str, GPU] = {g.name: g for g in (
+    _gpu("a100-40gb", 40960, 500, "ampere"),
+    _gpu("a100-80gb", 81920, 500, "ampere"),
+    _gpu("h100-80gb", 81559, 550, "hopper"),
+    _gpu("h200-141gb", 143771, 550, "hopper"),
+    _gpu("l4-24gb", 23034, 450, "ada"),
+    _gpu("rtx4090-24gb", 24564, 450, "ada"),
+    _gpu("rtx3090-24gb", 24576, 450, "ampere"),
+    _gpu("a10g-24gb", 23028, 450, "ampere"),
+    _gpu("t4-16gb", 15360, 400, "turing"),
+    _gpu("v100-16gb", 16160, 400, "volta"),
+    _gpu("v100-32gb", 32510, 400, "volta"),
+)}
+
+
+def get_gpu(name: str) -> GPU:
+    """Look a GPU up by catalogue name (case-insensitive)."""
+    try:
+        return GPUS[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown GPU {name!r}; known: {', '.join(GPUS)}") from None
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Verdict for one simulated run on one GPU."""
+    gpu: GPU
+    peak_reserved: int
+    needed_bytes: int       # reserved peak + cuBLAS workspace + context: nvidia-smi's figure
+
+    @property
+    def fits(self) -> bool:
+        return self.needed_bytes <= self.gpu.total_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        """Positive: bytes to spare; negative: bytes short."""
+        return self.gpu.total_bytes - self.needed_bytes
+
+    def verdict(self) -> str:
+        gib = float(1 << 30)
+        if self.fits:
+            return f"fits on {self.gpu.name} ({self.headroom_bytes / gib:.2f} GiB to spare)"
+        return f"does not fit on {self.gpu.name}, short by {-self.headroom_bytes / gib:.2f} GiB"
+
+    def to_dict(self) -> dict:
+        return {"gpu": self.gpu.name, "total_bytes": self.gpu.total_bytes,
+                "context_bytes": self.gpu.context_bytes,
+                "cublas_workspace_bytes": self.gpu.cublas_workspace_bytes,
+                "peak_reserved": self.peak_reserved, "needed_bytes": self.needed_bytes,
+                "fits": self.fits, "headroom_bytes": self.headroom_bytes, "verdict": self.verdict()}
+
+
+def fit(gpu: GPU, peak_reserved: int) -> Fit:
+    """Would a run whose allocator reserves ``peak_reserved`` at most fit on ``gpu``?
+
+    The allocator retries by freeing its cache before failing, so a peak of reserved bytes
+    that exceeds capacity because of cached-but-free blocks could still fit; the reserved peak
+    is the conservative bound, the allocated peak plus overheads the optimistic one.
+    """
+    return Fit(gpu, peak_reserved, peak_reserved + gpu.cublas_workspace_bytes + gpu.context_bytes)
