@@ -250,7 +250,14 @@ def growth_pct(a: int, b: int) -> float | None:
 
 def diff_runs(a_units: Sequence[Unit], b_units: Sequence[Unit], points: Sequence[str] = (PEAK,),
               group: str = "module", a_label: str = "A", b_label: str = "B") -> dict:
-    """Everything ``vramtrace diff`` shows, as plain data (docs/diff-json.md)."""
+    """Everything ``vramtrace diff`` shows, as plain data.
+
+    Keys: ``a``/``b`` (files, units with their peaks), ``peak`` (largest unit peak of each run,
+    delta, growth_pct: what ``--fail-if-peak-grows`` gates on), ``points`` (one per point: each
+    run's totals and unit event indices with ``fallback``, ``rows`` grouped by ``group``,
+    ``by_owner``, ``explanation`` lines and the full ``cells``; every row has a/b/delta in block
+    bytes, the same as ``*_requested`` in requested bytes, and block counts) and, when both runs
+    have the same number of units (ranks), ``unit_pairs``."""
     if group not in GROUPS:
         raise ValueError(f"unknown group {group!r} (one of {', '.join(GROUPS)})")
     if not a_units or not b_units:
