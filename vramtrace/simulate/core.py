@@ -19,7 +19,7 @@ from torch import nn
 from vramtrace.attribution.breakdown import device_report
 from vramtrace.attribution import taxonomy as tx
 from vramtrace.capture.cpu_backend import CpuBackend
-from vramtrace.capture.tagging import TaggingContext
+from vramtrace.capture.tagging import Tag, TaggingContext
 from vramtrace.replay.timeline import build_timeline
 from vramtrace.simulate.gpu_semantics import cuda_semantics
 from vramtrace.trace import Trace
@@ -43,6 +43,22 @@ class SimBackend(CpuBackend):
     def __init__(self, stacks: str | None = None) -> None:
         super().__init__(stacks=stacks)
         self._last_phase = "setup"
+        self._managed: set[int] = set()
+        self.managed_bytes = 0
+
+    def add_managed(self, t: torch.Tensor) -> None:
+        """``t`` lives outside the caching allocator (CUDA managed memory): never record it."""
+        st = t.untyped_storage()
+        self._managed.add(st._cdata)
+        self.managed_bytes += st.nbytes()
+
+    def observe(self, t: torch.Tensor, func: Any = None, args: tuple = ()) -> None:
+        if not self._managed or t.untyped_storage()._cdata not in self._managed:
+            super().observe(t, func, args)
+
+    def retag(self, tensor: torch.Tensor, tag: Tag) -> None:
+        if not self._managed or tensor.untyped_storage()._cdata not in self._managed:
+            super().retag(tensor, tag)
 
     def context_changed(self, ctx: TaggingContext) -> None:
         phase = ctx.phase
@@ -62,6 +78,7 @@ class SimulationResult:
     report: dict                         # ``vramtrace report``'s device figures at the allocated peak
     wall_s: float
     params: dict[str, int] = field(default_factory=dict)   # numel of trainable / frozen params
+    managed_bytes: int = 0               # CUDA managed memory outside the allocator (paged optimizers)
     recipe: dict[str, Any] | None = None
 
     @property
@@ -87,8 +104,17 @@ class SimulationResult:
                 "owner_dtype_at_peak": {r["name"]: int(r["bytes"]) for r in rep["by_owner_dtype"]},
                 "phase_at_peak": {r["name"]: int(r["bytes"]) for r in rep["by_phase"]},
                 "modules_at_peak": {r["name"]: int(r["bytes"]) for r in rep["by_module"][:10]},
+                "managed_bytes": self.managed_bytes,
                 "end": rep["end"], "events": rep["events"], "wall_s": round(self.wall_s, 3),
                 "params": self.params, "recipe": self.recipe}
+
+
+def managed(t: torch.Tensor) -> torch.Tensor:
+    """Within a simulation: ``t`` stands for CUDA managed memory (paged optimizer state), which
+    the caching allocator never sees; its bytes are reported as ``managed_bytes``."""
+    if _ACTIVE:
+        _ACTIVE[-1].add_managed(t)
+    return t
 
 
 @contextlib.contextmanager
@@ -159,6 +185,7 @@ def simulate_step(model_factory: ModelFactory, step_fn: StepFn, *, steps: int = 
                 backend.stop()
     finally:
         _ACTIVE.remove(backend)
-    report = device_report(Trace.from_snapshot(snap), build_timeline(Trace.from_snapshot(snap), 0), "peak")
+    trace = Trace.from_snapshot(snap)
+    report = device_report(trace, build_timeline(trace, 0), "peak")
     return SimulationResult(snapshot=snap, report=report, wall_s=time.perf_counter() - t0,
-                            params=params, recipe=recipe)
+                            params=params, managed_bytes=backend.managed_bytes, recipe=recipe)

@@ -241,7 +241,24 @@ def make_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
     prime_bitsandbytes()
     cls = bnb.optim.PagedAdamW8bit if recipe.optimizer == "paged-adamw8bit" else bnb.optim.AdamW8bit
     with torch._subclasses.fake_tensor.unset_fake_temporarily():  # its constructor reads values
-        return cls(params, lr=recipe.lr)
+        opt = cls(params, lr=recipe.lr)
+    if recipe.optimizer == "paged-adamw8bit":
+        _page_states(opt)
+    return opt
+
+
+def _page_states(opt: torch.optim.Optimizer) -> None:
+    """Paged states as on CUDA: tensors of >= 1e5 elements live in managed memory
+    (cudaMallocManaged), outside the caching allocator; bitsandbytes on CPU would not page."""
+    from vramtrace.simulate.core import managed, paused
+
+    def get_state_buffer(p: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if p.numel() < 1e5:
+            return torch.zeros_like(p, dtype=dtype)
+        with paused():
+            return managed(torch.zeros_like(p, dtype=dtype))
+
+    opt.get_state_buffer = get_state_buffer
 
 
 def training_step(recipe: Recipe, vocab_size: int) -> Callable[[nn.Module, torch.optim.Optimizer], None]:
