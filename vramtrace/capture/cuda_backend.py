@@ -31,9 +31,9 @@ import torch
 
 from vramtrace.attribution import taxonomy as tx
 from vramtrace.capture.nvml import NvmlSampler
+from vramtrace.capture.recorder import DEFAULT_MAX_ENTRIES
 from vramtrace.capture.tagging import OWNER_PRIORITY, Tag, TaggingContext, set_cuda_memory_metadata
 
-DEFAULT_MAX_ENTRIES = 1_000_000
 STACKS = ("python", "all")
 _FREES = ("free_requested", "free_completed")
 

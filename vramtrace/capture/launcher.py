@@ -23,13 +23,12 @@ from pathlib import Path
 from typing import Sequence
 
 import vramtrace
+from vramtrace.capture.recorder import BACKENDS, DEFAULT_MAX_ENTRIES
 
 BOOTSTRAP_PATH = Path(__file__).resolve().parent / "bootstrap" / "pythonpath"
 PACKAGE_ROOT = Path(vramtrace.__file__).resolve().parent.parent
 
-DEFAULT_MAX_ENTRIES = 1_000_000
 STACKS = ("python", "all")
-BACKENDS = ("auto", "cuda", "cpu")
 
 # Environment contract between this launcher and bootstrap (read in bootstrap/__init__.py).
 ENV_OUTPUT = "VRAMTRACE_OUTPUT"          # absolute base path of the run's file(s)
