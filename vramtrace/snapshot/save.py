@@ -57,6 +57,12 @@ def ensure_unknown_category(snap: dict) -> None:
             return
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def write_snapshot(snap: dict, path: str | os.PathLike) -> Path:
     """Atomically write ``snap`` as a protocol-4 pickle of plain types; returns the path."""
     path = Path(path)
@@ -67,6 +73,7 @@ def write_snapshot(snap: dict, path: str | os.PathLike) -> Path:
     try:
         with os.fdopen(fd, "wb") as fh:
             pickle.dump(data, fh, protocol=PROTOCOL)
+        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp makes 0600; a snapshot is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
