@@ -36,11 +36,11 @@ document.querySelectorAll('.flame').forEach(function (box) {
 """
 
 
-def html_page(title: str, body: str, script: str = "") -> str:
-    """A complete page: inline CSS, the body, the flame wiring and any extra inline script."""
+def html_page(title: str, body: str, script: str = "", css: str = "") -> str:
+    """A complete page: inline CSS (plus ``css``), the body, the flame wiring and ``script``."""
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-            f'<meta name="viewport" content="width=device-width,initial-scale=1">'
-            f"<title>{escape(title)}</title><style>{CSS}</style></head>\n<body>\n{body}\n"
+            f'<meta name="viewport" content="width=device-width,initial-scale=1"><link rel="icon" href="data:,">'
+            f"<title>{escape(title)}</title><style>{CSS}{css}</style></head>\n<body>\n{body}\n"
             f"<script>{PAGE_SCRIPT}{script}</script>\n</body></html>\n")
 
 

@@ -23,9 +23,11 @@ from vramtrace.render.units import fmt_bytes, fmt_share, fmt_signed_bytes
 # Tableau 10, the palette of PyTorch's memory viewer, so owners keep their colours across tools
 PALETTE = ("#4e79a7", "#f28e2c", "#e15759", "#76b7b2", "#59a14f",
            "#edc949", "#af7aa1", "#ff9da7", "#9c755f", "#bab0ab")
-PHASES = (classify.GUESS_FORWARD, classify.GUESS_BACKWARD, classify.GUESS_OPTIMIZER,
-          classify.GUESS_NO_STACK, classify.GUESS_SETUP, classify.GUESS_DATA,
-          classify.GUESS_BEFORE, classify.GUESS_OTHER)
+# guessed phases (classify) and tagged ones (taxonomy.PHASES) share colours by meaning
+PHASE_COLORS = {classify.GUESS_FORWARD: 0, "forward": 0, classify.GUESS_BACKWARD: 1, "recompute": 6,
+                classify.GUESS_OPTIMIZER: 4, "optimizer": 4, classify.GUESS_SETUP: 8, "setup": 8,
+                classify.GUESS_DATA: 5, classify.GUESS_NO_STACK: 3, classify.GUESS_BEFORE: 9,
+                classify.GUESS_OTHER: 7}
 WIDTH = 1200
 FRAME_H = 17
 FONT_PX = 12
@@ -39,9 +41,10 @@ _CONTROL_CHARS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
 
 def group_color(name: str) -> str:
     """A stable colour per owner (taxonomy order) or guessed phase; others by a hash of the name."""
-    for known in (OWNERS, PHASES):
-        if name in known:
-            return PALETTE[known.index(name) % len(PALETTE)]
+    if name in OWNERS:
+        return PALETTE[OWNERS.index(name)]
+    if name in PHASE_COLORS:
+        return PALETTE[PHASE_COLORS[name]]
     return PALETTE[zlib.crc32(name.encode()) % len(PALETTE)]
 
 
