@@ -67,8 +67,10 @@ def final_owner(rec: AllocRecord) -> str:
     """Owner of a record after its whole life is known.
 
     A ``temporary`` made in forward/recompute and freed in backward was kept for backward
-    (saved by a custom autograd ctx or a checkpoint holder that pack hooks do not see): an
-    activation. One made in the optimizer step that outlives that step is optimizer state.
+    (saved by a checkpoint holder that pack hooks do not see, freed before the first module's
+    backward began): an activation. One made in the optimizer step that outlives that step is
+    optimizer state. (Temporaries still alive when backward begins were re-tagged then, see
+    :meth:`CpuBackend.context_changed`.)
     """
     t = rec.tag
     if t.owner != tx.TEMPORARY:
@@ -122,6 +124,7 @@ class CpuBackend:
         self._preexisting: list[AllocRecord] = []
         self._events: list[tuple[bool, AllocRecord]] = []   # (is_alloc, record), in order
         self._start_us = 0
+        self._last_phase = "setup"
         self.active = False
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -218,7 +221,20 @@ class CpuBackend:
             cur.module = tag.module
 
     def context_changed(self, ctx: TaggingContext) -> None:
-        """Nothing to stamp on CPU: tags are computed per storage in :meth:`observe`."""
+        """On entering backward, forward temporaries still alive are kept by autograd: activations.
+
+        This catches what pack hooks cannot see: tensors a custom autograd Function keeps on its
+        ``ctx`` (bitsandbytes' int8 matmul keeps its input there), which die only when the graph
+        is dropped, after backward. Likewise recompute temporaries alive when a checkpointed
+        segment's recompute ends. (Nothing to stamp on CPU: tags are made per storage.)
+        """
+        phase = ctx.phase
+        last, self._last_phase = self._last_phase, phase
+        if phase == "backward" and last != "backward":
+            made = "recompute" if last == "recompute" else "forward"
+            for rec, _ in list(self._live.values()):
+                if rec.tag.owner == tx.TEMPORARY and rec.tag.phase == made:
+                    rec.tag.owner = tx.ACTIVATION
 
     # -- output ---------------------------------------------------------------------------------
     def snapshot(self) -> dict:
