@@ -3,10 +3,10 @@ torch.profiler (the tracker sees the same bytes and does not change them)."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import subprocess
 import sys
+import threading
 import weakref
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from conftest import REPO, validate_memviz  # noqa: E402
 import vramtrace  # noqa: E402
 from vramtrace.attribution import taxonomy as tx  # noqa: E402
 from vramtrace.capture import recorder  # noqa: E402
+from vramtrace.capture.tagging import Tag, TaggingContext  # noqa: E402
 from vramtrace.snapshot.load import read_raw  # noqa: E402
 
 
@@ -170,6 +171,36 @@ def test_tracker_keeps_nothing_alive(tmp_path: Path) -> None:
         assert ref() is None
     trace = read_raw(tmp_path / "t.pkl")["device_traces"][0]
     assert [e["action"] for e in trace if e.get("size") == 4000] == ["alloc", "free_requested", "free_completed"]
+
+
+class _Listener:
+    """A backend that keeps nothing: the context is what is under test here."""
+
+    def retag(self, tensor: torch.Tensor, tag: Tag) -> None:
+        pass
+
+    def context_changed(self, ctx: TaggingContext) -> None:
+        pass
+
+
+def test_context_knows_backward_on_another_thread() -> None:
+    """The autograd engine runs CUDA backward on its own threads: phase and module must come
+    from the graph task and backward hooks, not from thread-locals set during forward."""
+    ctx = TaggingContext(_Listener())
+    ctx.install()
+    try:
+        x = torch.randn(2, 4, requires_grad=True)
+        seq = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+        y = seq(x)
+        seen = []
+        x.register_hook(lambda g: seen.append((ctx.phase, ctx.module, threading.get_ident())))
+        assert ctx.phase == "setup"
+        worker = threading.Thread(target=lambda: y.sum().backward())
+        worker.start()
+        worker.join()
+    finally:
+        ctx.uninstall()
+    assert seen == [("backward", "Sequential.0", worker.ident)]
 
 
 # ---- agreement with torch.profiler ------------------------------------------------------------
