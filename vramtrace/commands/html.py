@@ -5,9 +5,8 @@ from pathlib import Path
 
 import click
 
-from vramtrace.commands.common import POINT_HELP, UserError, open_trace
+from vramtrace.commands.common import POINT_HELP, UserError, open_trace, parse_point
 from vramtrace.commands.flame import choose_device, resolve_point, step_progress
-from vramtrace.commands.common import parse_point
 from vramtrace.render.html_report import render_html_report
 from vramtrace.render.units import fmt_bytes
 from vramtrace.snapshot.load import SnapshotError
@@ -29,7 +28,7 @@ def html_command(file: str, file2: str | None, out: str, at: str, device: int | 
     with step_progress(file, 2, quiet) as step:
         step("replaying the trace")
         tl = choose_device(trace, device, file)
-        resolve_point(tl, at, file)
+        resolve_point(tl, at, file)    # a bad --at is a one-line error before any rendering
         step("rendering the report")
         try:
             page = render_html_report(trace, tl, parse_point(at), other)
