@@ -115,14 +115,15 @@ def _is_fake(t: torch.Tensor) -> bool:
 
 
 def _quantize_linear(lin: nn.Linear, quant: str, double_quant: bool, compute_dtype: torch.dtype) -> nn.Module:
-    """Replace an fp16 Linear by its bitsandbytes layer, quantizing its (already loaded) weight.
+    """Replace a Linear of the skeleton by its bitsandbytes layer, as loading a checkpoint does:
+    the 16-bit weight arrives on the device (a transient copy), is quantized, and is dropped.
 
     Same ops for real and fake tensors; only the Parameter wrapper differs, because bitsandbytes'
     Int8Params/Params4bit cannot wrap a FakeTensor (their attributes are set on a plain Parameter).
     """
     import bitsandbytes as bnb
     import bitsandbytes.functional as BF
-    w = lin.weight.data
+    w = lin.weight.detach().clone()
     fake = _is_fake(w)
     with torch._subclasses.fake_tensor.unset_fake_temporarily(), torch.device("meta"):
         # the layer's own empty weight must not count (and bitsandbytes cannot wrap a FakeTensor)
@@ -150,7 +151,7 @@ def _quantize_linear(lin: nn.Linear, quant: str, double_quant: bool, compute_dty
                                                           blocksize=64, compress_statistics=double_quant,
                                                           quant_type=quant, bnb_quantized=True, module=new)
     if lin.bias is not None:
-        new._parameters["bias"] = lin.bias
+        new._parameters["bias"] = lin.bias  # loaded with the rest by _load
     return new
 
 
@@ -179,12 +180,12 @@ def build_model(recipe: Recipe, paused: Callable[[], contextlib.AbstractContextM
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.train()  # from_pretrained returns eval mode; Trainer switches to train
-    _load(model)
-    if recipe.quant:
+    if recipe.quant:  # quantized layer by layer while loading: one 16-bit weight in flight at a time
         prime_bitsandbytes()
         compute = DTYPES[recipe.autocast] if recipe.autocast else dtype
         _replace_linears(model, recipe.quant, recipe.double_quant, compute)
         setattr(model, "is_loaded_in_8bit" if recipe.quant == "int8" else "is_loaded_in_4bit", True)
+    _load(model)
     gc_kwargs = {"use_reentrant": recipe.checkpointing == "reentrant"}
     if recipe.prepare_kbit:
         from peft import prepare_model_for_kbit_training
@@ -204,11 +205,13 @@ def build_model(recipe: Recipe, paused: Callable[[], contextlib.AbstractContextM
 
 
 def _load(model: nn.Module) -> None:
-    """Copy every parameter and buffer once, as loading a checkpoint onto the GPU would."""
+    """Copy every parameter and buffer once, as loading a checkpoint onto the GPU would
+    (quantized weights were already made, and recorded, by ``_quantize_linear``)."""
     seen: dict[int, nn.Parameter] = {}
     for mod in model.modules():
+        quantized = type(mod).__module__.startswith("bitsandbytes")
         for name, p in list(mod._parameters.items()):
-            if p is None:
+            if p is None or (quantized and name == "weight"):
                 continue
             if id(p) not in seen:
                 seen[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
