@@ -239,6 +239,18 @@ def allocation_size(rounded: int, settings: AllocatorSettings | None = None) -> 
     return K_ROUND_LARGE * ((rounded + K_ROUND_LARGE - 1) // K_ROUND_LARGE)
 
 
+NEVER_SPLIT = 1 << 62  # above any remainder (4 EiB) yet an int64: the block is taken whole
+
+
+def split_threshold(size: int, small: bool, settings: AllocatorSettings) -> int:
+    """Smallest remainder `should_split` cuts off a free block serving a rounded request of
+    `size` bytes from the small or large pool (NEVER_SPLIT: taken whole). A threshold rather
+    than a predicate, so that replays can look it up once per request size."""
+    if small or settings.expandable_segments:
+        return K_MIN_BLOCK
+    return K_SMALL_SIZE + 1 if size < settings.split_limit else NEVER_SPLIT
+
+
 class _ExpSeg:
     """One reserved virtual range of an expandable segment; pages are mapped on demand."""
 
@@ -443,10 +455,7 @@ class CachingAllocatorModel:
         return b
 
     def _should_split(self, b: _Block, size: int) -> bool:
-        remaining = b.size - size
-        if b.small or self.settings.expandable_segments:
-            return remaining >= K_MIN_BLOCK
-        return size < self.settings.split_limit and remaining > K_SMALL_SIZE
+        return b.size - size >= split_threshold(size, b.small, self.settings)
 
     def _alloc_found_block(self, b: _Block, rsize: int, orig: int, fields: dict) -> int:
         if self._should_split(b, rsize):

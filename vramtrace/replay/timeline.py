@@ -4,8 +4,9 @@ The ring buffer often starts mid-run, so the state before the first event is rec
 rewinding the final segment state: blocks freed in the trace without an alloc, and blocks
 alive at the end without an alloc, existed before the first event.
 
-Allocated bytes count whole (rounded) blocks; requested bytes count what callers asked for;
-reserved bytes count segments. Values are "after event i" for i in 0..n-1 and a column
+Allocated bytes count whole blocks, at the size the allocator gave them (`exact_block_sizes`:
+a block taken whole is larger than the rounded request); requested bytes count what callers
+asked for; reserved bytes count segments. Values are "after event i" for i in 0..n-1 and a column
 ``-1`` (before the first event) is kept as ``initial_*``.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from functools import cached_property
 
 import numpy as np
 
+from vramtrace.replay.blocksizes import exact_block_sizes
 from vramtrace.trace import Action, BlockState, Trace
 
 NEVER = np.iinfo(np.int64).max
@@ -32,12 +34,12 @@ class Allocations:
     alloc_index: np.ndarray
     free_index: np.ndarray
     addr: np.ndarray
-    size: np.ndarray          # block (rounded) bytes
+    size: np.ndarray          # block bytes (what the allocator gave, >= the rounded request)
     requested: np.ndarray     # bytes the caller asked for
     stream: np.ndarray
     stack: np.ndarray         # raw stack id of the allocation (or of the final block), -1 unknown
     tag: np.ndarray           # tag id, -1 untagged
-    size_exact: np.ndarray    # False where the block size is estimated from the request
+    size_exact: np.ndarray    # False where the block size is estimated (request rounded to 512 B)
 
     def __len__(self) -> int:
         return len(self.addr)
@@ -200,9 +202,10 @@ def _allocations(trace: Trace, device: int, sl: slice) -> Allocations:
     alive_from_trace = {int(a) for a, e in zip(addr[a_pos], a_end) if e == n}
     pre_alive = [i for i, a in enumerate(final["address"]) if int(a) not in alive_from_trace]
 
+    # block sizes from the free-extent bookkeeping; 0 (unknown) past an inconsistent history
+    block_size = exact_block_sizes(trace, device)
     a_requested = ev_size[a_idx]
-    a_size = round_size(a_requested)
-    a_exact = np.zeros(len(a_idx), bool)
+    a_size, a_exact = _sized(block_size[a_idx], a_requested)
     # blocks alive at the end: the final state gives their exact size
     final_size = dict(zip(final["address"].tolist(), final["size"].tolist()))
     alive = a_end == n
@@ -212,20 +215,27 @@ def _allocations(trace: Trace, device: int, sl: slice) -> Allocations:
             a_size[k], a_exact[k] = s, True
 
     f_requested = ev_size[f_idx]
+    f_size, f_exact = _sized(block_size[f_idx], f_requested)
     pre = np.array(pre_alive, dtype=np.int64)
     allocs = Allocations(
         alloc_index=np.concatenate([a_idx, np.full(len(f_idx) + len(pre), -1)]),
         free_index=np.concatenate([a_end, f_idx, np.full(len(pre), n)]),
         addr=np.concatenate([addr[a_pos], addr[f_pos], final["address"][pre]]),
-        size=np.concatenate([a_size, round_size(f_requested), final["size"][pre]]),
+        size=np.concatenate([a_size, f_size, final["size"][pre]]),
         requested=np.concatenate([a_requested, f_requested, final["requested"][pre]]),
         stream=np.concatenate([ev_stream[a_idx], ev_stream[f_idx], final["stream"][pre]]),
         stack=np.concatenate([ev_stack[a_idx], np.full(len(f_idx), -1, np.int32), final["stack"][pre]]),
         tag=np.concatenate([ev_tag[a_idx], ev_tag[f_idx], np.full(len(pre), -1, np.int32)]),
-        size_exact=np.concatenate([a_exact, np.zeros(len(f_idx), bool), np.ones(len(pre), bool)]),
+        size_exact=np.concatenate([a_exact, f_exact, np.ones(len(pre), bool)]),
     )
     _apply_annotations(trace, sl, allocs)
     return allocs
+
+
+def _sized(exact: np.ndarray, requested: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Block sizes where known (> 0), else the rounded request; and which are known."""
+    known = exact > 0
+    return np.where(known, exact, round_size(requested)), known
 
 
 def _final_blocks(trace: Trace, device: int) -> dict[str, np.ndarray]:
