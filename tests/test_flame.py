@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import xml.etree.ElementTree as ET
 
 import pytest
@@ -121,3 +122,16 @@ def test_differential_tree_and_renderers():
     assert "baseline 4.00 KiB, change +4.00 KiB" in svg and "rgb(255," in svg
     page = render_flame_html(after, diff=before)
     assert "baseline" in page and "+4.00 KiB" in page
+
+
+@pytest.mark.parametrize("verb, ext", [("flame", ".svg"), ("html", ".html"), ("viz", ".pkl"), ("export", ".json")])
+def test_malformed_frames_are_one_line_errors(verb, ext, tmp_path):
+    """Frames are read lazily, after loading: a bad one still ends as `vramtrace: error: FILE: ...`."""
+    snap = snapshots.modern()
+    for event in snap["device_traces"][0]:
+        event["frames"] = [{"name": 5, "filename": "x.py", "line": 1}]
+    src = tmp_path / "bad.pkl"
+    src.write_bytes(pickle.dumps(snap, protocol=4))
+    result = CliRunner().invoke(cli, [verb, str(src), "-o", str(tmp_path / f"out{ext}"), "-q"])
+    assert result.exit_code == 2
+    assert result.output.strip() == f"vramtrace: error: {src}: a stack frame has a non-text name/filename or non-integer line"

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from vramtrace.commands.common import UserError, open_trace
-from vramtrace.commands.flame import step_progress
+from vramtrace.commands.flame import analysis_steps
 from vramtrace.render.export_chrome import chrome_trace
 from vramtrace.render.flame import group_level
 from vramtrace.render.units import fmt_bytes
@@ -29,7 +29,7 @@ def export_command(file: str, out: str, device: int | None, quiet: bool) -> None
     if device is not None and not 0 <= device < trace.n_devices:
         raise UserError(f"{file}: no device {device} (the file has {trace.n_devices})")
     devices = [device] if device is not None else range(trace.n_devices)
-    with step_progress(file, 2, quiet) as step:
+    with analysis_steps(file, 2, quiet) as step:
         step("replaying the trace")
         timelines = [build_timeline(trace, d) for d in devices]
         step("writing counters")

@@ -18,35 +18,40 @@ from vramtrace.render.flame_svg import render_flame_svg
 from vramtrace.render.speedscope import to_speedscope
 from vramtrace.render.units import fmt_bytes
 from vramtrace.replay.timeline import DeviceTimeline, build_timeline
+from vramtrace.snapshot.load import SnapshotError
 from vramtrace.trace import Trace
 
 FORMATS = (".folded", ".svg", ".html", ".speedscope.json")
 
 
 @contextmanager
-def step_progress(path: str | os.PathLike, steps: int, quiet: bool) -> Iterator[Callable[[str], None]]:
-    """Yields ``step(description)``, which advances a transient bar on stderr.
+def analysis_steps(path: str | os.PathLike, steps: int, quiet: bool) -> Iterator[Callable[[str], None]]:
+    """The work after loading: yields ``step(description)``, which advances a transient bar on
+    stderr, and turns malformed frames (found only when first read) into a one-line error.
 
-    Shown for inputs as large as the ones open_trace shows a bar for (smaller ones finish in
-    well under a second) unless ``quiet``."""
+    The bar shows for inputs as large as the ones open_trace shows a bar for (smaller ones
+    finish in well under a second) unless ``quiet``."""
     try:
         big = Path(path).stat().st_size >= PROGRESS_MIN_BYTES
     except OSError:
         big = False
-    if quiet or not big:
-        yield lambda description: None
-        return
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                  console=Console(stderr=True), transient=True) as bar:
-        task = bar.add_task("", total=steps)
-        started = False
+    try:
+        if quiet or not big:
+            yield lambda description: None
+            return
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                      console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("", total=steps)
+            started = False
 
-        def step(description: str) -> None:
-            nonlocal started
-            bar.update(task, description=description, advance=1 if started else 0)
-            started = True
+            def step(description: str) -> None:
+                nonlocal started
+                bar.update(task, description=description, advance=1 if started else 0)
+                started = True
 
-        yield step
+            yield step
+    except SnapshotError as exc:
+        raise UserError(f"{getattr(exc, 'path', path)}: {exc}") from None
 
 
 def choose_device(trace: Trace, device: int | None, file: str) -> DeviceTimeline:
@@ -114,7 +119,7 @@ def flame_command(file: str, out: str | None, at: str, by: str | None, inverted:
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--by") from None
     trace = open_trace(file, quiet)
-    with step_progress(file, 2, quiet) as step:
+    with analysis_steps(file, 2, quiet) as step:
         step("replaying the trace")
         tl = choose_device(trace, device, file)
         index = resolve_point(tl, at, file)

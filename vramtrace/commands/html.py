@@ -6,10 +6,9 @@ from pathlib import Path
 import click
 
 from vramtrace.commands.common import POINT_HELP, UserError, open_trace, parse_point
-from vramtrace.commands.flame import choose_device, resolve_point, step_progress
+from vramtrace.commands.flame import analysis_steps, choose_device, resolve_point
 from vramtrace.render.html_report import render_html_report
 from vramtrace.render.units import fmt_bytes
-from vramtrace.snapshot.load import SnapshotError
 
 
 @click.command("html")
@@ -25,15 +24,13 @@ def html_command(file: str, file2: str | None, out: str, at: str, device: int | 
     with FILE2, what changed from FILE to FILE2 and a differential flame graph."""
     trace = open_trace(file, quiet)
     other = open_trace(file2, quiet) if file2 else None
-    with step_progress(file, 2, quiet) as step:
+    with analysis_steps(file, 2, quiet) as step:
         step("replaying the trace")
         tl = choose_device(trace, device, file)
         resolve_point(tl, at, file)    # a bad --at is a one-line error before any rendering
         step("rendering the report")
         try:
             page = render_html_report(trace, tl, parse_point(at), other)
-        except SnapshotError as exc:   # malformed frames are found only when first read
-            raise UserError(f"{getattr(exc, 'path', file)}: {exc}") from None
         except ValueError as exc:      # e.g. a second file without any device data to diff
             raise UserError(f"{file2 or file}: {exc}") from None
     Path(out).write_text(page, encoding="utf-8")

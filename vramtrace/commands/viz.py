@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from vramtrace.commands.common import open_trace
-from vramtrace.commands.flame import step_progress
+from vramtrace.commands.flame import analysis_steps
 from vramtrace.render.flame import group_level
 from vramtrace.render.units import fmt_bytes
 from vramtrace.snapshot.from_trace import memviz_snapshot
@@ -32,7 +32,7 @@ def viz_command(file: str, out: str, html: bool, all_frames: bool, quiet: bool) 
     pickle protocol 4 of plain types only."""
     trace = open_trace(file, quiet)
     level = group_level(trace)
-    with step_progress(file, 2, quiet) as step:
+    with analysis_steps(file, 2, quiet) as step:
         step("labelling allocations")
         snap = memviz_snapshot(trace, level, python_only=not all_frames)
         step("writing")

@@ -142,8 +142,7 @@ def _stack_labels(trace: Trace, stack: int, cache: dict[int, tuple[str, ...]]) -
 
 def diff_tree(before: FlameNode, after: FlameNode) -> FlameNode:
     """One tree over both runs: ``value``/``count`` from ``after``, ``before`` the baseline's bytes."""
-    node = FlameNode(after.name if after.value or not before.value else before.name,
-                     after.value, after.count, before.value)
+    node = FlameNode(after.name, after.value, after.count, before.value)
     for name in sorted(set(before.children) | set(after.children)):
         node.children[name] = diff_tree(before.children.get(name) or FlameNode(name),
                                         after.children.get(name) or FlameNode(name))
