@@ -88,15 +88,44 @@ def _now_us() -> int:
     return time.time_ns() // 1000
 
 
+_CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+_PYTHON_KEY = torch._C.DispatchKey.Python
+
+
+def _plain_cpu(args: tuple) -> bool:
+    """All tensor arguments (at least one) are plain CPU tensors, no Python-dispatch subclass."""
+    found = False
+    for a in args:
+        for t in (a if isinstance(a, (list, tuple)) else (a,)):
+            if isinstance(t, torch.Tensor):
+                if t.device.type != "cpu" or torch._C._dispatch_keys(t).has(_PYTHON_KEY):
+                    return False
+                found = True
+    return found
+
+
 class _StorageMode(TorchDispatchMode):
-    """Reports every op output to the backend (the mode itself holds nothing)."""
+    """Reports every op output to the backend (the mode itself holds nothing).
+
+    A mode is switched off while its ``__torch_dispatch__`` runs, so the tensors a custom op's
+    Python kernel makes inside (bitsandbytes' dequantized weight inside ``gemm_4bit``, its
+    optimizer's scratch) would go unseen. For custom ops on plain CPU tensors the kernel is
+    therefore called directly (redispatch to the CPU key) with the mode back on. (aten kernels'
+    internal scratch stays unseen: boxed redispatch would need their scalar arguments wrapped.)
+    """
 
     def __init__(self, backend: "CpuBackend") -> None:
         super().__init__()
         self._backend = backend
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if (isinstance(func, torch._ops.OpOverload) and func.namespace not in ("aten", "prims")
+                and _plain_cpu(args)):
+            with self:
+                out = func.redispatch(_CPU_KEYS, *args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
         if isinstance(out, torch.Tensor):
             self._backend.observe(out, func, args)
         elif isinstance(out, (tuple, list)):
