@@ -123,7 +123,7 @@ def _quantize_linear(lin: nn.Linear, quant: str, double_quant: bool, compute_dty
     """
     import bitsandbytes as bnb
     import bitsandbytes.functional as BF
-    w = lin.weight.detach().clone()
+    w = _copy(lin.weight)
     fake = _is_fake(w)
     with torch._subclasses.fake_tensor.unset_fake_temporarily(), torch.device("meta"):
         # the layer's own empty weight must not count (and bitsandbytes cannot wrap a FakeTensor)
@@ -214,11 +214,20 @@ def _load(model: nn.Module) -> None:
             if p is None or (quantized and name == "weight"):
                 continue
             if id(p) not in seen:
-                seen[id(p)] = nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad)
+                seen[id(p)] = nn.Parameter(_copy(p), requires_grad=p.requires_grad)
             mod._parameters[name] = seen[id(p)]
         for name, b in list(mod._buffers.items()):
             if b is not None:
-                mod._buffers[name] = b.clone()
+                mod._buffers[name] = _copy(b)
+
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    """A recorded copy of an unrecorded skeleton tensor. Not ``detach().clone()``: the detached
+    view would itself be an op output sharing the skeleton's storage, and count as memory."""
+    out = torch.empty_like(t, requires_grad=False)
+    with torch.no_grad():
+        out.copy_(t)
+    return out
 
 
 def _replace_linears(model: nn.Module, quant: str, double_quant: bool, compute: torch.dtype) -> None:
