@@ -109,19 +109,22 @@ class _StorageMode(TorchDispatchMode):
 
     A mode is switched off while its ``__torch_dispatch__`` runs, so the tensors a custom op's
     Python kernel makes inside (bitsandbytes' dequantized weight inside ``gemm_4bit``, its
-    optimizer's scratch) would go unseen. For custom ops on plain CPU tensors the kernel is
-    therefore called directly (redispatch to the CPU key) with the mode back on. (aten kernels'
-    internal scratch stays unseen: boxed redispatch would need their scalar arguments wrapped.)
+    optimizer's scratch) would go unseen. With ``custom_op_internals`` the kernel of a custom op
+    on plain CPU tensors is called directly (redispatch to the CPU key) with the mode back on.
+    (aten kernels' internal scratch stays unseen: boxed redispatch would need their scalar
+    arguments wrapped.) Off by default: those internals are the CPU kernel's, not what the GPU
+    kernel allocates, and a fake-tensor run (the simulator) cannot see them either.
     """
 
-    def __init__(self, backend: "CpuBackend") -> None:
+    def __init__(self, backend: "CpuBackend", custom_op_internals: bool) -> None:
         super().__init__()
         self._backend = backend
+        self._internals = custom_op_internals
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if (isinstance(func, torch._ops.OpOverload) and func.namespace not in ("aten", "prims")
-                and _plain_cpu(args)):
+        if (self._internals and isinstance(func, torch._ops.OpOverload)
+                and func.namespace not in ("aten", "prims") and _plain_cpu(args)):
             with self:
                 out = func.redispatch(_CPU_KEYS, *args, **kwargs)
         else:
@@ -144,11 +147,12 @@ class CpuBackend:
 
     name = "cpu"
 
-    def __init__(self, stacks: str | None = "python", max_entries: int | None = None) -> None:
+    def __init__(self, stacks: str | None = "python", max_entries: int | None = None,
+                 custom_op_internals: bool = False) -> None:
         self.stacks = stacks not in (None, "none", False)
         self.max_entries = max_entries
         self.ctx = TaggingContext(self)
-        self._mode = _StorageMode(self)
+        self._mode = _StorageMode(self, custom_op_internals)
         self._live: dict[int, tuple[AllocRecord, weakref.finalize]] = {}
         self._preexisting: list[AllocRecord] = []
         self._events: list[tuple[bool, AllocRecord]] = []   # (is_alloc, record), in order

@@ -56,7 +56,8 @@ def _make_backend(backend: str, stacks: str | None, max_entries: int | None, **o
     from vramtrace.capture.cpu_backend import CpuBackend
     if opts:
         raise TypeError(f"unknown options for the cpu backend: {sorted(opts)}")
-    return CpuBackend(stacks=stacks, max_entries=max_entries)
+    # A recording of a real CPU run shows all it allocates, custom ops' scratch included.
+    return CpuBackend(stacks=stacks, max_entries=max_entries, custom_op_internals=True)
 
 
 def start(path: str | os.PathLike, *, backend: str = "auto", stacks: str | None = "python",
