@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
+from itertools import repeat
 from typing import Any, Sequence
 
 import numpy as np
@@ -30,40 +31,30 @@ def to_snapshot(trace: Trace, category: Sequence[str | None] | None = None,
     """The trace as a snapshot dict; ``category``/``user_metadata`` (one per event, None: keep
     the file's own) relabel events; ``python_only`` drops C++ frames from stacks='all' files."""
     frames = _FrameLists(trace, python_only)
-    traces: list[list[dict]] = []
-    for d in range(trace.n_devices):
-        sl = trace.device_slice(d)
-        events = []
-        for i in range(sl.start, sl.stop):
-            events.append(_event(trace, i, frames,
-                                 category[i] if category is not None else None,
-                                 user_metadata[i] if user_metadata is not None else None))
-        traces.append(events)
+    tags = [{k: getattr(t, k) for k in ("category", "user_metadata", "compile_context") if getattr(t, k) is not None}
+            for t in trace.tags]
+    columns = zip(trace.action.tolist(), trace.addr.tolist(), trace.size.tolist(), trace.stream.tolist(),
+                  trace.time_us.tolist(), trace.stack.tolist(), trace.tag.tolist(),
+                  category if category is not None else repeat(None),
+                  user_metadata if user_metadata is not None else repeat(None))
+    events = [_event(frames, tags, *row) for row in columns]
+    traces = [events[trace.device_slice(d)] for d in range(trace.n_devices)]
     snap = {"segments": _segments(trace, frames), "device_traces": traces,
             "allocator_settings": trace.settings, "external_annotations": trace.annotations}
     snap.update(trace.extras)
     return snap
 
 
-def _event(trace: Trace, i: int, frames: "_FrameLists", category: str | None, metadata: str | None) -> dict:
-    action = int(trace.action[i])
-    event: dict = {"action": ACTION_NAMES[action]}
-    if action == Action.OOM:
-        event["device_free"] = int(trace.addr[i])
-    else:
-        event["addr"] = int(trace.addr[i])
-    event["size"] = int(trace.size[i])
-    event["stream"] = int(trace.stream[i])
-    if trace.time_us[i] >= 0:
-        event["time_us"] = int(trace.time_us[i])
-    stack = int(trace.stack[i])
+def _event(frames: "_FrameLists", tags: list[dict], action: int, addr: int, size: int, stream: int,
+           time_us: int, stack: int, tag: int, category: str | None, metadata: str | None) -> dict:
+    event: dict = {"action": ACTION_NAMES[action], "device_free" if action == Action.OOM else "addr": addr,
+                   "size": size, "stream": stream}
+    if time_us >= 0:
+        event["time_us"] = time_us
     if stack >= 0:
         event["frames"] = frames.of(stack)
-    tag = trace.tag_of(int(trace.tag[i]))
-    if tag is not None:
-        for key in ("category", "user_metadata", "compile_context"):
-            if getattr(tag, key) is not None:
-                event[key] = getattr(tag, key)
+    if tag >= 0:
+        event.update(tags[tag])
     if category is not None:
         event["category"] = category
     if metadata is not None:
@@ -186,17 +177,16 @@ def memviz_snapshot(trace: Trace, level: str = "owner", python_only: bool = True
         labelled.append((tl.events.start, event_rows(trace, tl), attrs, allocs.tag))
     ranked = sorted(bytes_by, key=lambda k: (k == UNKNOWN, -bytes_by[k], k))
     kept = set(ranked[:MAX_CATEGORIES - 1]) - {UNKNOWN}
-    interned: dict[str, str] = {}
+    labels: dict[tuple[Attribution, int], tuple[str, str]] = {}   # one text object per distinct label
     for start, rows, attrs, tags in labelled:
-        texts: dict[int, tuple[str, str]] = {}
+        tag_list = tags.tolist()
         for local in np.flatnonzero(rows >= 0).tolist():
             row = int(rows[local])
-            label = texts.get(row)
+            a, tag = attrs[row], tag_list[row]
+            label = labels.get((a, tag))
             if label is None:
-                a = attrs[row]
                 group = getattr(a, level)
-                text = _metadata(trace, a, int(tags[row]))
-                label = texts[row] = (group if group in kept else UNKNOWN, interned.setdefault(text, text))
+                label = labels[(a, tag)] = (group if group in kept else UNKNOWN, _metadata(trace, a, tag))
             category[start + local], metadata[start + local] = label
     return to_snapshot(trace, category, metadata, python_only)
 
