@@ -173,6 +173,20 @@ def test_tracker_keeps_nothing_alive(tmp_path: Path) -> None:
     assert [e["action"] for e in trace if e.get("size") == 4000] == ["alloc", "free_requested", "free_completed"]
 
 
+def test_recording_sees_inside_custom_op_kernels(tmp_path: Path) -> None:
+    """bitsandbytes' CPU gemm_4bit dequantizes the weight inside its kernel: a real transient."""
+    bnb = pytest.importorskip("bitsandbytes")
+    w = torch.randn(256, 256, dtype=torch.bfloat16)
+    q, state = bnb.functional.quantize_4bit(w, quant_type="nf4")
+    x = torch.randn(4, 256, dtype=torch.bfloat16, requires_grad=True)
+    path = tmp_path / "gemm4.pkl"
+    with vramtrace.record(path, backend="cpu"):
+        bnb.matmul_4bit(x, q.t(), quant_state=state).sum().backward()
+    made = [(e["size"], json.loads(e["user_metadata"])["phase"]) for e in allocs(read_raw(path))]
+    assert (256 * 256 * 2, "setup") in made and (256 * 256 * 2, "backward") in made
+    validate_memviz(path)
+
+
 class _Listener:
     """A backend that keeps nothing: the context is what is under test here."""
 
