@@ -240,8 +240,8 @@ class TaggingContext:
             if not self._stack():
                 self.track_model(module)
                 name = self._names.get(module, type(module).__name__)
-            else:
-                name = f"{self._stack()[-1][0]}.{type(module).__name__}"
+            else:  # a module outside every tracked model, called inside one's forward
+                name = self._names[module] = f"{self._stack()[-1][0]}.{type(module).__name__}"
         return name
 
     def _index_root(self, root: torch.nn.Module) -> None:
