@@ -12,7 +12,7 @@ import snapshots
 from conftest import real_snapshot_params
 from vramtrace.attribution.breakdown import build_report
 from vramtrace.cli import cli
-from vramtrace.commands.flame import choose_device
+from vramtrace.commands.common import choose_device
 from vramtrace.render.flame import FlameNode, diff_tree, flame_tree, fold, parse_folded, top_level
 from vramtrace.render.flame_html import render_flame_html
 from vramtrace.render.flame_svg import render_flame_svg

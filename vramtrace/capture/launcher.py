@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Sequence
 
 import vramtrace
-from vramtrace.capture.recorder import BACKENDS, DEFAULT_MAX_ENTRIES
+from vramtrace.capture.recorder import DEFAULT_MAX_ENTRIES
 
 BOOTSTRAP_PATH = Path(__file__).resolve().parent / "bootstrap" / "pythonpath"
 PACKAGE_ROOT = Path(vramtrace.__file__).resolve().parent.parent

@@ -5,13 +5,15 @@ import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import click
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, DownloadColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 
 from vramtrace.snapshot.load import SnapshotError
+from vramtrace.replay.timeline import DeviceTimeline, build_timeline
 from vramtrace.trace import Trace, load_trace
 
 PROGRESS_MIN_BYTES = 16 << 20   # smaller files load in well under a second
@@ -65,3 +67,50 @@ def parse_point(value: str) -> str | int:
         return int(value)
     except ValueError:
         raise click.BadParameter(f"{value!r} is not 'peak', 'end' or an event index") from None
+
+
+@contextmanager
+def analysis_steps(path: str | os.PathLike, steps: int, quiet: bool) -> Iterator[Callable[[str], None]]:
+    """The work after loading: yields ``step(description)``, which advances a transient bar on
+    stderr, and turns malformed frames (found only when first read) into a one-line error.
+
+    The bar shows for inputs as large as the ones open_trace shows a bar for (smaller ones
+    finish in well under a second) unless ``quiet``."""
+    try:
+        big = Path(path).stat().st_size >= PROGRESS_MIN_BYTES
+    except OSError:
+        big = False
+    with reading(path):
+        if quiet or not big:
+            yield lambda description: None
+            return
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                      console=Console(stderr=True), transient=True) as bar:
+            task = bar.add_task("", total=steps)
+            started = False
+
+            def step(description: str) -> None:
+                nonlocal started
+                bar.update(task, description=description, advance=1 if started else 0)
+                started = True
+
+            yield step
+
+
+def choose_device(trace: Trace, device: int | None, file: str) -> DeviceTimeline:
+    """The timeline of ``device``, or of the device whose allocated bytes peak highest."""
+    if device is not None:
+        if not 0 <= device < trace.n_devices:
+            raise UserError(f"{file}: no device {device} (the file has {trace.n_devices})")
+        return build_timeline(trace, device)
+    if not trace.n_devices:
+        raise UserError(f"{file}: the snapshot holds no device")
+    timelines = [build_timeline(trace, d) for d in range(trace.n_devices)]
+    return max(timelines, key=lambda tl: (tl.peak_allocated, -tl.device))
+
+
+def resolve_point(tl: DeviceTimeline, at: str, file: str) -> int:
+    try:
+        return tl.resolve_point(parse_point(at))
+    except ValueError as exc:
+        raise UserError(f"{file}: {exc}") from None

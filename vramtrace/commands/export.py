@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from vramtrace.commands.common import UserError, open_trace
-from vramtrace.commands.flame import analysis_steps
+from vramtrace.commands.common import analysis_steps
 from vramtrace.render.export_chrome import chrome_trace
 from vramtrace.render.flame import group_level
 from vramtrace.render.units import fmt_bytes

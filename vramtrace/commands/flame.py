@@ -2,75 +2,20 @@
 from __future__ import annotations
 
 import json
-import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import click
-from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from vramtrace.commands.common import POINT_HELP, PROGRESS_MIN_BYTES, UserError, open_trace, parse_point
+from vramtrace.commands.common import (POINT_HELP, UserError, analysis_steps, choose_device, open_trace,
+                                      resolve_point)
 from vramtrace.render.flame import FlameNode, default_levels, flame_tree, fold, parse_levels
 from vramtrace.render.flame_html import render_flame_html
 from vramtrace.render.flame_svg import render_flame_svg
 from vramtrace.render.speedscope import to_speedscope
 from vramtrace.render.units import fmt_bytes
-from vramtrace.replay.timeline import DeviceTimeline, build_timeline
-from vramtrace.snapshot.load import SnapshotError
-from vramtrace.trace import Trace
+from vramtrace.replay.timeline import DeviceTimeline
 
 FORMATS = (".folded", ".svg", ".html", ".speedscope.json")
-
-
-@contextmanager
-def analysis_steps(path: str | os.PathLike, steps: int, quiet: bool) -> Iterator[Callable[[str], None]]:
-    """The work after loading: yields ``step(description)``, which advances a transient bar on
-    stderr, and turns malformed frames (found only when first read) into a one-line error.
-
-    The bar shows for inputs as large as the ones open_trace shows a bar for (smaller ones
-    finish in well under a second) unless ``quiet``."""
-    try:
-        big = Path(path).stat().st_size >= PROGRESS_MIN_BYTES
-    except OSError:
-        big = False
-    try:
-        if quiet or not big:
-            yield lambda description: None
-            return
-        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
-                      console=Console(stderr=True), transient=True) as bar:
-            task = bar.add_task("", total=steps)
-            started = False
-
-            def step(description: str) -> None:
-                nonlocal started
-                bar.update(task, description=description, advance=1 if started else 0)
-                started = True
-
-            yield step
-    except SnapshotError as exc:
-        raise UserError(f"{getattr(exc, 'path', path)}: {exc}") from None
-
-
-def choose_device(trace: Trace, device: int | None, file: str) -> DeviceTimeline:
-    """The timeline of ``device``, or of the device whose allocated bytes peak highest."""
-    if device is not None:
-        if not 0 <= device < trace.n_devices:
-            raise UserError(f"{file}: no device {device} (the file has {trace.n_devices})")
-        return build_timeline(trace, device)
-    if not trace.n_devices:
-        raise UserError(f"{file}: the snapshot holds no device")
-    timelines = [build_timeline(trace, d) for d in range(trace.n_devices)]
-    return max(timelines, key=lambda tl: (tl.peak_allocated, -tl.device))
-
-
-def resolve_point(tl: DeviceTimeline, at: str, file: str) -> int:
-    try:
-        return tl.resolve_point(parse_point(at))
-    except ValueError as exc:
-        raise UserError(f"{file}: {exc}") from None
 
 
 def point_label(tl: DeviceTimeline, at: str, index: int) -> str:

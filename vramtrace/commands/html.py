@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from vramtrace.commands.common import POINT_HELP, UserError, open_trace, parse_point
-from vramtrace.commands.flame import analysis_steps, choose_device, resolve_point
+from vramtrace.commands.common import analysis_steps, choose_device, resolve_point
 from vramtrace.render.html_report import render_html_report
 from vramtrace.render.units import fmt_bytes
 

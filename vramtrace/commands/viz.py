@@ -6,7 +6,7 @@ from pathlib import Path
 import click
 
 from vramtrace.commands.common import open_trace
-from vramtrace.commands.flame import analysis_steps
+from vramtrace.commands.common import analysis_steps
 from vramtrace.render.flame import group_level
 from vramtrace.render.units import fmt_bytes
 from vramtrace.snapshot.from_trace import memviz_snapshot

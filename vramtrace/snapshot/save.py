@@ -18,20 +18,34 @@ from vramtrace.attribution.taxonomy import UNKNOWN
 PROTOCOL = 4   # MemoryViz accepts 2-4; Python 3.14 defaults to 5
 
 
-def plain(value: Any) -> Any:
-    """Copy ``value`` with only dict/list/str/int/float/bool/None (numpy scalars -> Python)."""
-    if isinstance(value, dict):
-        return {str(k): plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
+def plain(value: Any, _memo: dict[int, Any] | None = None) -> Any:
+    """Copy ``value`` with only dict/list/str/int/float/bool/None (numpy scalars -> Python).
+
+    Containers shared in the input (torch shares frame dicts between events) stay shared in
+    the copy, so pickle's memo writes them once: without this a file grows ~5x."""
     if isinstance(value, (str, bool, type(None))):
         return value
     if isinstance(value, int):
         return int(value)
     if isinstance(value, float):
         return float(value)
+    memo = {} if _memo is None else _memo
+    key = id(value)
+    if key in memo:
+        return memo[key]
+    if isinstance(value, dict):
+        mapping: dict = {}
+        memo[key] = mapping
+        for k, v in value.items():
+            mapping[str(k)] = plain(v, memo)
+        return mapping
+    if isinstance(value, (list, tuple)):
+        items: list = []
+        memo[key] = items
+        items.extend(plain(v, memo) for v in value)
+        return items
     if hasattr(value, "item"):          # numpy / torch scalars
-        return plain(value.item())
+        return plain(value.item(), memo)
     raise TypeError(f"cannot store {type(value).__name__} in a snapshot")
 
 
