@@ -26,17 +26,16 @@ GUESS_OTHER = "other"
 GUESS_NO_STACK = "no stack recorded"
 GUESS_BEFORE = "before the trace began"
 
-# (phase, predicate on a frame) in priority order; first frame-level match wins.
-_PHASE_RULES: tuple[tuple[str, re.Pattern], ...] = (
-    (GUESS_OPTIMIZER, re.compile(r"torch[/\\]optim[/\\]|bitsandbytes[/\\]optim|zero_grad")),
-    (GUESS_BACKWARD, re.compile(r"torch[/\\]autograd[/\\]__init__|_engine_run_backward|"
-                                r"torch::autograd::Engine|autograd::.*Backward|run_backward")),
-    (GUESS_DATA, re.compile(r"torch[/\\]utils[/\\]data[/\\]")),
-    (GUESS_SETUP, re.compile(r"load_state_dict|from_pretrained|modeling_utils|"
-                             r"nn[/\\]modules[/\\]module\.py:(_apply|to|cuda)$")),
-    (GUESS_FORWARD, re.compile(r"nn[/\\]modules[/\\]module\.py:(_call_impl|_wrapped_call_impl|forward)$|"
-                               r":forward$")),
-)
+# (phase, pattern over "filename:name" lines, one per frame) in priority order.
+_PHASE_RULES: tuple[tuple[str, re.Pattern], ...] = tuple((phase, re.compile(pattern, re.MULTILINE)) for phase, pattern in (
+    (GUESS_OPTIMIZER, r"torch[/\\]optim[/\\]|bitsandbytes[/\\]optim|zero_grad"),
+    (GUESS_BACKWARD, r"torch[/\\]autograd[/\\]__init__|_engine_run_backward|"
+                     r"torch::autograd::Engine|autograd::.*Backward|run_backward"),
+    (GUESS_DATA, r"torch[/\\]utils[/\\]data[/\\]"),
+    (GUESS_SETUP, r"load_state_dict|from_pretrained|modeling_utils|"
+                  r"nn[/\\]modules[/\\]module\.py:(_apply|to|cuda)$"),
+    (GUESS_FORWARD, r"nn[/\\]modules[/\\]module\.py:(_call_impl|_wrapped_call_impl|forward)$|:forward$"),
+))
 _LIBRARY = re.compile(r"[/\\](site|dist)-packages[/\\]|[/\\]lib[/\\]python3|^<frozen|[/\\]torch[/\\]")
 
 
@@ -68,13 +67,13 @@ def attribute(trace: Trace, allocs: Allocations, rows: np.ndarray) -> list[Attri
                     guessed=False)
             out.append(a)
         else:
-            out.append(_guess(trace, stack))
+            out.append(_guess(trace, stack, before_trace=start < 0))
     return out
 
 
-def _guess(trace: Trace, stack: int) -> Attribution:
+def _guess(trace: Trace, stack: int, before_trace: bool) -> Attribution:
     if stack < 0:
-        return Attribution(UNKNOWN, "-", GUESS_NO_STACK, "-", True)
+        return Attribution(UNKNOWN, "-", GUESS_BEFORE if before_trace else GUESS_NO_STACK, "-", True)
     return _guess_from_frames(tuple(trace.stack_frames(stack)))
 
 
@@ -85,10 +84,10 @@ def _guess_from_frames(frames: tuple[Frame, ...]) -> Attribution:
 
 
 def guess_phase(frames: tuple[Frame, ...] | list[Frame]) -> str:
-    """The training phase a stack belongs to, from the outermost matching rule."""
-    text = [f"{f.filename}:{f.name}" for f in frames]
+    """The training phase a stack belongs to: the first rule that matches any frame."""
+    text = "\n".join(f"{f.filename}:{f.name}" for f in frames)   # one search per rule, not per frame
     for phase, pattern in _PHASE_RULES:
-        if any(pattern.search(t) for t in text):
+        if pattern.search(text):
             return phase
     return GUESS_OTHER
 
