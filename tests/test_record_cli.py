@@ -289,6 +289,18 @@ def test_cuda_backend_degrades_without_cuda(tmp_path):
     validate_memviz(path)
 
 
+def test_auto_backend_asks_without_initialising_cuda(monkeypatch):
+    def is_available() -> bool:
+        raise AssertionError("torch.cuda.is_available() initialises CUDA and breaks a later fork")
+    monkeypatch.setattr(torch.cuda, "is_available", is_available)
+    monkeypatch.setattr(torch.cuda, "_is_compiled", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "_device_count_nvml", lambda: 0, raising=False)
+    assert recorder._make_backend("auto", "python", 10).name == "cpu"
+    monkeypatch.setattr(torch.cuda, "_device_count_nvml", lambda: 2, raising=False)
+    assert recorder._make_backend("auto", "python", 10).name == "cuda"
+
+
 def test_nvml_sampler_without_a_driver_starts_nothing():
     sampler = NvmlSampler(0.01)
     started = sampler.start()

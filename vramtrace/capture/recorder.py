@@ -45,8 +45,9 @@ def _make_backend(backend: str, stacks: str | None, max_entries: int | None, **o
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
     if backend == "auto":
-        import torch
-        backend = "cuda" if torch.cuda.is_available() else "cpu"
+        # not torch.cuda.is_available(): it initialises CUDA, and a later fork then fails
+        from vramtrace.capture.cuda_backend import cuda_usable
+        backend = "cuda" if cuda_usable() else "cpu"
     if backend == "cuda":
         try:
             from vramtrace.capture.cuda_backend import CudaBackend
