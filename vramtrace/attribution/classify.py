@@ -36,7 +36,9 @@ _PHASE_RULES: tuple[tuple[str, re.Pattern], ...] = tuple((phase, re.compile(patt
                   r"nn[/\\]modules[/\\]module\.py:(_apply|to|cuda)$"),
     (GUESS_FORWARD, r"nn[/\\]modules[/\\]module\.py:(_call_impl|_wrapped_call_impl|forward)$|:forward$"),
 ))
-_LIBRARY = re.compile(r"[/\\](site|dist)-packages[/\\]|[/\\]lib[/\\]python3|^<frozen|[/\\]torch[/\\]")
+# Library code and generated code (torch.compile's inductor kernels live in /tmp/torchinductor_*)
+_LIBRARY = re.compile(r"[/\\](site|dist)-packages[/\\]|[/\\]lib[/\\]python3|^<frozen|[/\\]torch[/\\]|"
+                      r"torchinductor_")
 
 
 @dataclass(frozen=True)
@@ -73,7 +75,8 @@ def attribute(trace: Trace, allocs: Allocations, rows: np.ndarray) -> list[Attri
 
 def _guess(trace: Trace, stack: int, before_trace: bool) -> Attribution:
     if stack < 0:
-        return Attribution(UNKNOWN, "-", GUESS_BEFORE if before_trace else GUESS_NO_STACK, "-", True)
+        why = GUESS_BEFORE if before_trace else GUESS_NO_STACK
+        return Attribution(UNKNOWN, f"({why})", why, "-", True)
     return _guess_from_frames(tuple(trace.stack_frames(stack)))
 
 
