@@ -63,12 +63,15 @@ class SimBackend(CpuBackend):
     def context_changed(self, ctx: TaggingContext) -> None:
         phase = ctx.phase
         last, self._last_phase = self._last_phase, phase
-        if (phase == "backward" and last not in ("backward", "recompute")) or \
-                (phase == "backward" and last == "recompute"):
-            made = "forward" if last != "recompute" else "recompute"
-            for rec, _ in self._live.values():
-                if rec.tag.owner == tx.TEMPORARY and rec.tag.phase == made:
-                    rec.tag.owner = tx.ACTIVATION
+        if phase in ("backward", "recompute") and last not in ("backward", "recompute"):
+            self._promote("forward")
+        elif phase == "backward" and last == "recompute":
+            self._promote("recompute")
+
+    def _promote(self, made_in: str) -> None:
+        for rec, _ in self._live.values():
+            if rec.tag.owner == tx.TEMPORARY and rec.tag.phase == made_in:
+                rec.tag.owner = tx.ACTIVATION
 
 
 @dataclass
