@@ -7,8 +7,9 @@ from pathlib import Path
 
 import click
 
-from vramtrace.capture.launcher import (BACKENDS, DEFAULT_MAX_ENTRIES, STACKS, LaunchError,
-                                        RecordOptions, exit_like, parse_steps, record)
+from vramtrace.capture.launcher import (DEFAULT_MAX_ENTRIES, STACKS, LaunchError, RecordOptions, exit_like,
+                                        parse_steps, record)
+from vramtrace.capture.recorder import BACKENDS
 from vramtrace.commands.common import UserError
 
 TOP_OWNERS = 3

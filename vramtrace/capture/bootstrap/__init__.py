@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from vramtrace.capture import launcher as L
+from vramtrace.capture.recorder import BACKENDS
 
 CLAIM_FILE = "claimed"
 
@@ -48,8 +49,8 @@ class Settings:
         """Parse the ``VRAMTRACE_*`` variables; ValueError names the first bad one."""
         backend = env.get(L.ENV_BACKEND, "auto")
         stacks = env.get(L.ENV_STACKS, "python")
-        if backend not in L.BACKENDS:
-            raise ValueError(f"{L.ENV_BACKEND}={backend!r} is not one of {', '.join(L.BACKENDS)}")
+        if backend not in BACKENDS:
+            raise ValueError(f"{L.ENV_BACKEND}={backend!r} is not one of {', '.join(BACKENDS)}")
         if stacks not in L.STACKS:
             raise ValueError(f"{L.ENV_STACKS}={stacks!r} is not one of {', '.join(L.STACKS)}")
         raw_max = env.get(L.ENV_MAX_ENTRIES, str(L.DEFAULT_MAX_ENTRIES))
