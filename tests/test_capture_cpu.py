@@ -20,7 +20,7 @@ from conftest import REPO, validate_memviz  # noqa: E402
 import vramtrace  # noqa: E402
 from vramtrace.attribution import taxonomy as tx  # noqa: E402
 from vramtrace.capture import recorder  # noqa: E402
-from vramtrace.capture.tagging import Tag, TaggingContext  # noqa: E402
+from vramtrace.capture.tagging import Tag, TaggingContext, tagging_hooks  # noqa: E402
 from vramtrace.snapshot.load import read_raw  # noqa: E402
 
 
@@ -200,11 +200,11 @@ class _Listener:
 def test_context_knows_backward_on_another_thread() -> None:
     """The autograd engine runs CUDA backward on its own threads: phase and module must come
     from the graph task and backward hooks, not from thread-locals set during forward."""
-    ctx = TaggingContext(_Listener())
-    ctx.install()
-    try:
+    with tagging_hooks(_Listener()) as ctx:
         x = torch.randn(2, 4, requires_grad=True)
         seq = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+        inside: list[str] = []
+        seq[0].register_forward_pre_hook(lambda m, a: inside.append(ctx.module))
         y = seq(x)
         seen = []
         x.register_hook(lambda g: seen.append((ctx.phase, ctx.module, threading.get_ident())))
@@ -212,8 +212,8 @@ def test_context_knows_backward_on_another_thread() -> None:
         worker = threading.Thread(target=lambda: y.sum().backward())
         worker.start()
         worker.join()
-    finally:
-        ctx.uninstall()
+    seq(x)
+    assert inside == ["Sequential.0", ""]                 # the hooks went with the block
     assert seen == [("backward", "Sequential.0", worker.ident)]
 
 

@@ -19,6 +19,7 @@ return the very tensor they receive, and hooks close over names only (DESIGN §6
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import weakref
@@ -130,6 +131,21 @@ def autocast_enabled(device_type: str) -> bool:
         return torch.is_autocast_enabled(device_type)
     except TypeError:  # torch < 2.4 has no device argument
         return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
+@contextlib.contextmanager
+def tagging_hooks(listener: TagListener) -> Iterator["TaggingContext"]:
+    """The tagging hooks alone for the block, removed after it even on an exception.
+
+    What a backend adds to a program before it records anything (the CUDA path's whole Python
+    cost: the allocator records natively); for measuring that cost and testing the context.
+    """
+    ctx = TaggingContext(listener)
+    ctx.install()
+    try:
+        yield ctx
+    finally:
+        ctx.uninstall()
 
 
 class TaggingContext:

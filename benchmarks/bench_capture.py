@@ -1,0 +1,154 @@
+"""Capture overhead on a CPU training step of a small Llama (issue 3 acceptance).
+
+(a) the tagging hooks alone (``tagging.tagging_hooks``: module, optimizer, saved-tensor and
+    grad hooks, no dispatch-mode tracker) vs an untagged step. That is the Python cost the CUDA
+    backend adds to a program, since the allocator records natively; the listener here does the
+    CUDA backend's own per-hook work (context JSON on every context change, re-tag JSON and the
+    storage address on every re-tag), only torch's native calls are missing on a CPU build.
+    Target: <= 1.05.
+(b) the CPU backend (dispatch-mode storage tracker + tags, Python stacks, as ``vramtrace record
+    --backend cpu``) vs torch's ``MemTracker`` tracking the same step. MemTracker fails on models
+    with frozen parameters (DESIGN §6), so the model is a full fine-tune (every parameter
+    trainable). Target: vramtrace at least 5x faster. The step's own compute is in both times, so
+    the ratio of the time each tracker adds above the untagged step is printed too.
+
+Warm-up steps first, then every variant once per round, interleaved, best of N rounds, so the
+variants share the machine's noise; ratios are within this one run. Exits 0; no timed asserts.
+
+    python benchmarks/bench_capture.py [--rounds 7] [--hidden 256] [--layers 4] [--seq 256] [--batch 4]
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vramtrace.capture.cpu_backend import CpuBackend  # noqa: E402
+from vramtrace.capture.tagging import Tag, TaggingContext, tagging_hooks  # noqa: E402
+
+
+class CudaSideListener:
+    """The CUDA backend's Python work per hook, without its native calls (none on a CPU build)."""
+
+    def __init__(self) -> None:
+        self.retags: collections.deque[tuple[int, str]] = collections.deque(maxlen=1_000_000)
+
+    def retag(self, tensor: torch.Tensor, tag: Tag) -> None:
+        self.retags.append((tensor.untyped_storage().data_ptr(), sys.intern(tag.to_json())))
+
+    def context_changed(self, ctx: TaggingContext) -> None:
+        ctx.context_json()
+
+
+def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor]:
+    """A full fine-tune Llama (all parameters trainable), AdamW, one fixed batch."""
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
+                                   num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                                   num_key_value_heads=args.hidden // 64, vocab_size=args.vocab,
+                                   max_position_embeddings=args.seq, use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.train()
+    assert all(p.requires_grad for p in model.parameters())
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-5), torch.randint(0, args.vocab, (args.batch, args.seq))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=8192)
+    ap.add_argument("--no-memtracker", action="store_true", help="skip (b)'s MemTracker side")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)   # a shared 2-core machine: one thread keeps the variants comparable
+    model, opt, x = build(args)
+
+    def step() -> None:
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    def untagged() -> float:
+        t0 = time.perf_counter()
+        step()
+        return time.perf_counter() - t0
+
+    def hooks() -> float:
+        with tagging_hooks(CudaSideListener()) as ctx:
+            ctx.track_model(model)          # once per recording, not per step: outside the timing
+            t0 = time.perf_counter()
+            step()
+            return time.perf_counter() - t0
+
+    def cpu_backend() -> float:
+        t0 = time.perf_counter()
+        backend = CpuBackend(stacks="python", custom_op_internals=True)
+        backend.start()
+        step()
+        backend.stop()
+        backend.snapshot()                  # replay through the allocator model: part of the cost
+        return time.perf_counter() - t0
+
+    def memtracker() -> float:
+        from torch.distributed._tools.mem_tracker import MemTracker
+        t0 = time.perf_counter()
+        mt = MemTracker()
+        mt.track_external(model, opt)
+        with mt:
+            step()
+        mt.get_tracker_snapshot("peak")
+        return time.perf_counter() - t0
+
+    variants: dict[str, Callable[[], float]] = {"untagged": untagged, "hooks": hooks, "cpu_backend": cpu_backend}
+    errors: dict[str, str] = {}
+    if not args.no_memtracker:
+        variants["memtracker"] = memtracker
+    for name, fn in list(variants.items()):
+        try:
+            for _ in range(args.warmup):
+                fn()
+        except Exception as exc:  # noqa: BLE001 - report why a side cannot run, keep the others
+            errors[name] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+            del variants[name]
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.rounds):
+        for name, fn in variants.items():
+            times[name].append(fn())
+    best = {name: min(ts) for name, ts in times.items()}
+
+    print(f"Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, seq {args.seq}, "
+          f"batch {args.batch}, AdamW, fp32, full fine-tune; best of {args.rounds} interleaved rounds "
+          f"after {args.warmup} warm-up steps, torch {torch.__version__}, 1 thread")
+    print(f"{'variant':<14}{'best s':>9}{'median s':>10}")
+    for name, ts in times.items():
+        print(f"{name:<14}{best[name]:>9.3f}{sorted(ts)[len(ts) // 2]:>10.3f}")
+    for name, why in errors.items():
+        print(f"{name:<14}{'cannot run':>19}: {why}")
+    print()
+    print(f"{'ratio':<44}{'value':>7}  target")
+    print(f"{'(a) hooks / untagged':<44}{best['hooks'] / best['untagged']:>7.3f}  <= 1.05")
+    if "memtracker" in best:
+        print(f"{'(b) memtracker / cpu_backend (speed-up)':<44}{best['memtracker'] / best['cpu_backend']:>7.2f}  >= 5")
+        ours, theirs = best["cpu_backend"] - best["untagged"], best["memtracker"] - best["untagged"]
+        overhead = f"{theirs / ours:>7.2f}" if ours > 0 else "   n/a (ours within noise)"
+        print(f"{'    same, time above the untagged step only':<44}{overhead}")
+    else:
+        print(f"(b) MemTracker could not run: {errors.get('memtracker', 'skipped (--no-memtracker)')}")
+    print(f"{'    cpu_backend / untagged':<44}{best['cpu_backend'] / best['untagged']:>7.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
