@@ -116,15 +116,16 @@ def test_gpu_catalogue_and_fit() -> None:
     assert "short by 1.00 GiB" in short.verdict()
 
 
-def test_find_max_batch_is_the_largest_that_fits() -> None:
-    recipe = Recipe(model="tiny-llama", dtype="fp32", seq_len=32, lora_r=4)
-    ref = simulate_recipe(Recipe(**{**recipe.to_dict(), "batch_size": 6}))
-    gpu = GPU("test", ref.peak_reserved, 0, 0, "test")  # batch 6 fits exactly
-    res = find_max(recipe, gpu, "batch_size", limit=64)
-    assert res.best >= 6
+@pytest.mark.parametrize("knob, value, step", [("batch_size", 6, 1), ("seq_len", 96, 16)])
+def test_find_max_is_the_largest_that_fits(knob: str, value: int, step: int) -> None:
+    base = dict(model="tiny-llama", dtype="fp32", seq_len=32, batch_size=2, lora_r=4)
+    ref = simulate_recipe(Recipe(**{**base, knob: value}))
+    gpu = GPU("test", ref.peak_reserved, 0, 0, "test")  # ``value`` fits exactly
+    res = find_max(Recipe(**base), gpu, knob, limit=64 * step, step=step)
+    assert res.best >= value and res.best % step == 0
     assert res.tried[res.best].fits
-    above = res.tried.get(res.best + 1) or fit(gpu, simulate_recipe(
-        Recipe(**{**recipe.to_dict(), "batch_size": res.best + 1})).peak_reserved)
+    above = res.tried.get(res.best + step) or fit(gpu, simulate_recipe(
+        Recipe(**{**base, knob: res.best + step})).peak_reserved)
     assert not above.fits
 
 
