@@ -231,7 +231,7 @@ def _ev(action: str, addr: int, size: int, t: int, meta: str = "") -> dict:
 
 def _tag(owner: str, **kw) -> str:
     return json.dumps({"owner": owner, "module": kw.get("module", "m.fc"), "phase": kw.get("phase", "forward"),
-                       "step": 0, "dtype": "fp32", "shape": [4], "param": kw.get("param", "")})
+                       "step": kw.get("step", 0), "dtype": "fp32", "shape": [4], "param": kw.get("param", "")})
 
 
 def test_finalize_joins_retags_to_the_allocation_live_at_the_time():
@@ -268,6 +268,37 @@ def test_finalize_retag_slightly_before_its_alloc_on_the_allocator_clock():
               _Retag(300, 0, 0x2000, _tag("activation"))]      # too long before its alloc: dropped
     finalize({"segments": [], "device_traces": [trace]}, retags)
     assert [e["category"] for e in trace] == ["temporary"] * 3 + ["activation", "temporary"]
+
+
+def test_finalize_applies_the_cpu_backends_lifetime_rules():
+    """Phases as _set_memory_metadata stamps them: the loss and the frees after backward are
+    "setup" on the main thread, backward and recompute run on the autograd thread."""
+    fwd, bwd, rec, opt, setup = (_tag("temporary", phase=p) for p in
+                                 ("forward", "backward", "recompute", "optimizer", "setup"))
+    d, kept, loss, kept_rec, opt_tmp, opt_state = 0x100, 0x200, 0x300, 0x400, 0x500, 0x600
+    trace = [_ev("alloc", d, 512, 1, fwd), _ev("free_requested", d, 512, 2, fwd),      # forward scratch
+             _ev("alloc", kept, 512, 3, fwd),                  # on an autograd ctx: freed after backward
+             _ev("alloc", loss, 512, 4, setup),                # the loss, outside the model
+             _ev("alloc", 0x700, 512, 5, bwd),                 # backward begins: kept -> activation
+             _ev("free_requested", 0x700, 512, 6, bwd),
+             _ev("alloc", kept_rec, 512, 7, rec),              # recompute output, alive at the end
+             _ev("alloc", 0x800, 512, 8, bwd),                 # back to backward: kept_rec kept
+             _ev("free_requested", kept, 512, 9, setup), _ev("free_requested", loss, 512, 10, setup),
+             _ev("alloc", opt_tmp, 512, 11, opt), _ev("free_requested", opt_tmp, 512, 12, opt),
+             _ev("alloc", opt_state, 512, 13, opt),            # outlives the step: optimizer state
+             _ev("alloc", 0x900, 512, 14, fwd),                # next forward
+             _ev("free_requested", 0x900, 512, 15, _tag("temporary", phase="backward", step=1))]
+    finalize({"segments": [], "device_traces": [trace]}, [])
+    assert [(e["action"], e["category"]) for e in trace] == [
+        ("alloc", "temporary"), ("free_requested", "temporary"),
+        ("alloc", "activation"), ("alloc", "temporary"),
+        ("alloc", "temporary"), ("free_requested", "temporary"),
+        ("alloc", "activation"), ("alloc", "temporary"),
+        ("free_requested", "activation"), ("free_requested", "temporary"),
+        ("alloc", "temporary"), ("free_requested", "temporary"),
+        ("alloc", "optimizer"), ("alloc", "activation"), ("free_requested", "activation")]
+    assert json.loads(trace[2]["user_metadata"])["owner"] == "activation"
+    assert json.loads(trace[12]["user_metadata"]) == {**json.loads(opt), "owner": "optimizer"}
 
 
 def test_finalize_unknown_owner_names_become_unknown():

@@ -21,6 +21,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vramtrace.attribution import taxonomy as tx
+from vramtrace.capture.lifetimes import BackwardEntry, final_owner, owner_when_kept
 from vramtrace.capture.tagging import OWNER_PRIORITY, Tag, TaggingContext
 from vramtrace.replay import allocator
 
@@ -61,27 +62,6 @@ class AllocRecord:
     free_frames: tuple[FrameKey, ...] = ()
     free_phase: str = ""
     free_step: int = -1
-
-
-def final_owner(rec: AllocRecord) -> str:
-    """Owner of a record after its whole life is known.
-
-    A ``temporary`` made in forward/recompute and freed in backward was kept for backward
-    (saved by a checkpoint holder that pack hooks do not see, freed before the first module's
-    backward began): an activation. One made in the optimizer step that outlives that step is
-    optimizer state. (Temporaries still alive when backward begins were re-tagged then, see
-    :meth:`CpuBackend.context_changed`.)
-    """
-    t = rec.tag
-    if t.owner != tx.TEMPORARY:
-        return t.owner
-    if t.phase == "forward" and rec.free_phase in ("backward", "recompute"):
-        return tx.ACTIVATION
-    if t.phase == "recompute" and rec.free_phase == "backward":
-        return tx.ACTIVATION
-    if t.phase == "optimizer" and not (rec.free_phase == "optimizer" and rec.free_step == t.step):
-        return tx.OPTIMIZER
-    return tx.TEMPORARY
 
 
 def _now_us() -> int:
@@ -157,7 +137,7 @@ class CpuBackend:
         self._preexisting: list[AllocRecord] = []
         self._events: list[tuple[bool, AllocRecord]] = []   # (is_alloc, record), in order
         self._start_us = 0
-        self._last_phase = "setup"
+        self._backward_entry = BackwardEntry()
         self.active = False
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -254,20 +234,12 @@ class CpuBackend:
             cur.module = tag.module
 
     def context_changed(self, ctx: TaggingContext) -> None:
-        """On entering backward, forward temporaries still alive are kept by autograd: activations.
-
-        This catches what pack hooks cannot see: tensors a custom autograd Function keeps on its
-        ``ctx`` (bitsandbytes' int8 matmul keeps its input there), which die only when the graph
-        is dropped, after backward. Likewise recompute temporaries alive when a checkpointed
-        segment's recompute ends. (Nothing to stamp on CPU: tags are made per storage.)
-        """
-        phase = ctx.phase
-        last, self._last_phase = self._last_phase, phase
-        if phase == "backward" and last != "backward":
-            made = "recompute" if last == "recompute" else "forward"
+        """On entering backward, live temporaries are kept by autograd (``lifetimes``); nothing
+        to stamp on CPU, tags are made per storage."""
+        kept = self._backward_entry.kept_phase(ctx.phase)
+        if kept is not None:
             for rec, _ in list(self._live.values()):
-                if rec.tag.owner == tx.TEMPORARY and rec.tag.phase == made:
-                    rec.tag.owner = tx.ACTIVATION
+                rec.tag.owner = owner_when_kept(rec.tag.owner, rec.tag.phase, kept)
 
     # -- output ---------------------------------------------------------------------------------
     def snapshot(self) -> dict:
@@ -289,7 +261,7 @@ class CpuBackend:
         addr: dict[int, int] = {}
         for is_alloc, rec in [(True, r) for r in self._preexisting] + self._events:
             if is_alloc:
-                owner = final_owner(rec)
+                owner = final_owner(rec.tag.owner, rec.tag.phase, rec.tag.step, rec.free_phase, rec.free_step)
                 meta = Tag(owner, rec.tag.module, rec.tag.phase, rec.tag.step, rec.tag.dtype,
                            rec.tag.shape, rec.tag.param).to_json()
                 addr[id(rec)] = model.malloc(rec.size, frames=frames(rec.frames), time_us=rec.time_us,

@@ -30,6 +30,7 @@ from typing import Any, Callable
 import torch
 
 from vramtrace.attribution import taxonomy as tx
+from vramtrace.capture.lifetimes import BackwardEntry, final_owner, owner_when_kept
 from vramtrace.capture.nvml import NvmlSampler
 from vramtrace.capture.recorder import DEFAULT_MAX_ENTRIES
 from vramtrace.capture.tagging import OWNER_PRIORITY, Tag, TaggingContext, set_cuda_memory_metadata
@@ -231,9 +232,12 @@ def finalize(snap: dict, retags: list[_Retag]) -> dict:
     made at time t applies to the allocation live at its address at t, if its owner's priority
     is at least the current one (``tagging.OWNER_PRIORITY``). The allocator's clock and Python's
     can disagree by a few microseconds, so a re-tag that finds nothing live at its address goes
-    to the next allocation there if that one is at most ``RETAG_SLACK_US`` later. Frees and
-    annotate events take their allocation's owner; segment, snapshot and oom events are
-    ``unknown``. Mutates and returns ``snap``."""
+    to the next allocation there if that one is at most ``RETAG_SLACK_US`` later. The CPU
+    backend's lifetime rules (``lifetimes``) then apply, with the phase stamped on each event:
+    temporaries alive when backward begins, or freed in it, are activations; optimizer-step
+    temporaries that outlive the step are optimizer state. Frees and annotate events take their
+    allocation's owner; segment, snapshot and oom events are ``unknown``. Mutates and returns
+    ``snap``."""
     by_device: dict[int, list[_Retag]] = collections.defaultdict(list)
     for r in retags:
         by_device[r.device].append(r)
@@ -254,6 +258,9 @@ class _DeviceTags:
         self.tags: dict[int, dict] = {}        # id(alloc event) -> its tag so far
         self.orphans: dict[int, _Retag] = {}   # addr -> re-tag that found nothing live yet
         self.changed: set[int] = set()         # id(alloc event) whose tag a re-tag changed
+        self.freed: dict[int, dict] = {}       # id(alloc event) -> context of its first free
+        self.backward = BackwardEntry()
+        self.parsed: dict[Any, dict] = {}      # metadata string -> its dict (never mutated: shared)
 
     def run(self, trace: list[dict]) -> None:
         owner_of: list[tuple[dict, dict | None]] = []   # (free/annotate event, its alloc)
@@ -261,13 +268,23 @@ class _DeviceTags:
             t = event.get("time_us")
             if t is not None:
                 self._apply_until(bisect.bisect_left(self.times, t))
+            text = event.get("user_metadata")
+            context = self.parsed.get(text) if isinstance(text, str) else None
+            if context is None:
+                context = _metadata(text)
+                if isinstance(text, str):
+                    self.parsed[text] = context
+            if context.get("phase"):
+                self._enter(context["phase"])
             action, addr = event.get("action"), event.get("addr")
             if action == "alloc":
-                self._alloc(event, addr, t)
+                self._alloc(event, addr, t, context)
             elif action in _FREES or action == "annotate":
                 alloc = self.live.get(addr)
                 if action == "annotate" and alloc is not None:
-                    self._retag(alloc, _metadata(event.get("user_metadata")))
+                    self._retag(alloc, context)
+                elif alloc is not None:
+                    self.freed.setdefault(id(alloc), context)
                 owner_of.append((event, alloc))
                 if action == "free_completed":
                     self.live.pop(addr, None)
@@ -276,6 +293,7 @@ class _DeviceTags:
         self._apply_until(len(self.retags))
         for event in trace:
             if event.get("action") == "alloc":
+                self._final(event)
                 tag = self.tags[id(event)]
                 event["category"] = _owner(tag)
                 if id(event) in self.changed:
@@ -286,12 +304,36 @@ class _DeviceTags:
             if event["action"] == "annotate" and tag:
                 event["user_metadata"] = json.dumps(tag, separators=(",", ":"))
 
-    def _alloc(self, event: dict, addr: int, t: int | None) -> None:
+    def _alloc(self, event: dict, addr: int, t: int | None, context: dict) -> None:
         self.live[addr] = event
-        self.tags[id(event)] = _metadata(event.get("user_metadata"))
+        self.tags[id(event)] = context
         orphan = self.orphans.pop(addr, None)
         if orphan is not None and t is not None and t - orphan.time_us <= RETAG_SLACK_US:
             self._retag(event, _metadata(orphan.metadata))
+
+    def _enter(self, phase: str) -> None:
+        """An event stamped ``phase``: on entering backward, live temporaries are kept (not
+        those the program freed whose block waits for its streams: they left autograd)."""
+        kept = self.backward.kept_phase(phase)
+        if kept is None:
+            return
+        for alloc in self.live.values():
+            if id(alloc) in self.freed:
+                continue
+            tag = self.tags[id(alloc)]
+            owner = owner_when_kept(_owner(tag), tag.get("phase", ""), kept)
+            if owner != _owner(tag):
+                self.tags[id(alloc)] = {**tag, "owner": owner}
+                self.changed.add(id(alloc))
+
+    def _final(self, alloc: dict) -> None:
+        """Apply the owner rules that need the allocation's free (none while it is alive)."""
+        tag, free = self.tags[id(alloc)], self.freed.get(id(alloc), {})
+        owner = final_owner(_owner(tag), tag.get("phase", ""), tag.get("step", -1),
+                            free.get("phase", ""), free.get("step", -1))
+        if owner != _owner(tag):
+            self.tags[id(alloc)] = {**tag, "owner": owner}
+            self.changed.add(id(alloc))
 
     def _apply_until(self, upto: int) -> None:
         for r in self.retags[self.done:upto]:
