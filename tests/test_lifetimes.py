@@ -17,6 +17,12 @@ def test_backward_entry_names_the_phase_whose_temporaries_are_kept() -> None:
         None, None, "forward", None, None, None, "recompute", None, None, None, None, "forward"]
 
 
+def test_backward_entry_when_backward_begins_with_a_reentrant_recompute() -> None:
+    entry = BackwardEntry()
+    assert [entry.kept_phase(p) for p in ["forward", "setup", "recompute", "backward", "recompute"]] == [
+        None, None, "forward", "recompute", None]
+
+
 @pytest.mark.parametrize("owner, phase, kept, expected", [
     (tx.TEMPORARY, "forward", "forward", tx.ACTIVATION),       # held by autograd (e.g. on a ctx)
     (tx.TEMPORARY, "recompute", "recompute", tx.ACTIVATION),

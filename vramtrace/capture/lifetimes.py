@@ -10,25 +10,31 @@ from __future__ import annotations
 from vramtrace.attribution import taxonomy as tx
 
 
+_IN_BACKWARD = ("backward", "recompute")
+
+
 class BackwardEntry:
     """Follows the phase sequence and says when backward begins and which temporaries it keeps.
 
     Temporaries still alive when backward begins are held by autograd: this catches what pack
     hooks cannot see, tensors a custom autograd Function keeps on its ``ctx`` (bitsandbytes'
     int8 matmul keeps its input there), which die only when the graph is dropped, after
-    backward. Likewise recompute temporaries alive when a checkpointed segment's recompute ends.
+    backward. Backward may begin with a recompute (reentrant checkpointing). Likewise recompute
+    temporaries alive when a checkpointed segment's recompute ends.
     """
 
     def __init__(self) -> None:
         self.last = "setup"
 
     def kept_phase(self, phase: str) -> str | None:
-        """Move to ``phase``; on entering backward, the phase whose live temporaries are kept
-        (``forward``, or ``recompute`` after a recompute), else None."""
+        """Move to ``phase``; the phase whose live temporaries are kept now: ``forward`` when
+        backward begins, ``recompute`` when a recompute ends inside it, else None."""
         last, self.last = self.last, phase
-        if phase != "backward" or last == "backward":
-            return None
-        return "recompute" if last == "recompute" else "forward"
+        if phase in _IN_BACKWARD and last not in _IN_BACKWARD:
+            return "forward"
+        if phase == "backward" and last == "recompute":
+            return "recompute"
+        return None
 
 
 def owner_when_kept(owner: str, phase: str, kept_phase: str) -> str:
