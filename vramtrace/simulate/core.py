@@ -17,9 +17,8 @@ import torch
 from torch import nn
 
 from vramtrace.attribution.breakdown import device_report
-from vramtrace.attribution import taxonomy as tx
 from vramtrace.capture.cpu_backend import CpuBackend
-from vramtrace.capture.tagging import Tag, TaggingContext
+from vramtrace.capture.tagging import Tag
 from vramtrace.replay.timeline import build_timeline
 from vramtrace.simulate.gpu_semantics import cuda_semantics
 from vramtrace.trace import Trace
@@ -31,18 +30,11 @@ _ACTIVE: list[CpuBackend] = []
 
 
 class SimBackend(CpuBackend):
-    """The CPU recorder plus one rule: what autograd keeps is an activation even when freed late.
-
-    ``final_owner`` calls a forward temporary an activation when it is freed *during* backward.
-    Tensors a custom autograd Function stores on ``ctx`` (bitsandbytes' int8 matmul keeps its
-    input and int8 copy there) die only when the graph is dropped, after backward has returned,
-    and would read as temporaries. So: a forward (or recompute) temporary still alive when
-    backward (or the end of its recompute segment) is reached is marked an activation then.
-    """
+    """The CPU recorder, plus storages that stand for CUDA managed memory (paged optimizer
+    state), which the caching allocator never sees and the snapshot must not hold."""
 
     def __init__(self, stacks: str | None = None) -> None:
         super().__init__(stacks=stacks)
-        self._last_phase = "setup"
         self._managed: set[int] = set()
         self.managed_bytes = 0
 
@@ -59,19 +51,6 @@ class SimBackend(CpuBackend):
     def retag(self, tensor: torch.Tensor, tag: Tag) -> None:
         if not self._managed or tensor.untyped_storage()._cdata not in self._managed:
             super().retag(tensor, tag)
-
-    def context_changed(self, ctx: TaggingContext) -> None:
-        phase = ctx.phase
-        last, self._last_phase = self._last_phase, phase
-        if phase in ("backward", "recompute") and last not in ("backward", "recompute"):
-            self._promote("forward")
-        elif phase == "backward" and last == "recompute":
-            self._promote("recompute")
-
-    def _promote(self, made_in: str) -> None:
-        for rec, _ in self._live.values():
-            if rec.tag.owner == tx.TEMPORARY and rec.tag.phase == made_in:
-                rec.tag.owner = tx.ACTIVATION
 
 
 @dataclass
