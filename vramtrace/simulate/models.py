@@ -233,11 +233,15 @@ def _copy(t: torch.Tensor) -> torch.Tensor:
 def _replace_linears(model: nn.Module, quant: str, double_quant: bool, compute: torch.dtype) -> None:
     """Quantize every Linear except the output head, as transformers' bitsandbytes quantizer does."""
     out_emb = model.get_output_embeddings()
+    replaced = 0
     for name, mod in list(model.named_modules()):
         for child_name, child in list(mod.named_children()):
             if type(child) is nn.Linear and child is not out_emb:
                 setattr(mod, child_name, _quantize_linear(child, quant, double_quant, compute))
+                replaced += 1
                 del child
+    if not replaced:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear to quantize (e.g. GPT-2 uses Conv1D)")
 
 
 def make_optimizer(recipe: Recipe, model: nn.Module) -> torch.optim.Optimizer:
