@@ -257,7 +257,6 @@ def test_snapshot_format() -> None:
 def test_written_snapshot_passes_memviz_validator(tmp_path: Path) -> None:
     if not VALIDATOR.is_file():
         pytest.skip("../shared/tools/validate_memviz.py is absent")
-    path = tmp_path / "model.pickle"
     m = _recorded_model()
     m2 = CachingAllocatorModel(AllocatorSettings(expandable_segments=True), capacity_bytes=64 * MB)
     m2.malloc(3 * MB, category="unknown")
