@@ -3,8 +3,10 @@ several per-rank files give one merged view (sum, max, imbalance, largest vs sma
 from __future__ import annotations
 
 import json
+from typing import Callable
 
 import click
+from rich.console import Console
 
 from vramtrace.attribution.breakdown import build_report
 from vramtrace.commands.common import POINT_HELP, UserError, open_trace, parse_point, reading, stdout_console
@@ -37,31 +39,31 @@ def report_command(files: tuple[str, ...], device: int | None, at: str, fmt: str
     trace = open_trace(file, quiet)
     if device is not None and not 0 <= device < trace.n_devices:
         raise UserError(f"{file}: no device {device} (the file has {trace.n_devices})")
-    try:
-        with reading(file):
-            report = build_report(trace, point, None if device is None else [device])
-    except ValueError as exc:
-        raise UserError(f"{file}: {exc}") from None
-    if fmt == "json":
-        click.echo(json.dumps(report, indent=1))
-    elif fmt == "md":
-        click.echo(render_markdown(report))
-    else:
-        render_text(report, stdout_console())
+    report = _build(file, lambda: build_report(trace, point, None if device is None else [device]))
+    _emit(report, fmt, render_markdown, render_text)
 
 
 def _ranks(files: tuple[str, ...], device: int | None, point: str | int, fmt: str, quiet: bool) -> None:
     if device is not None:
         raise UserError(f"{files[0]}: --device picks one device of one file; give that rank's file alone")
     traces = [open_trace(f, quiet) for f in files]
+    report = _build(", ".join(files), lambda: build_rank_report(traces, point))
+    _emit(report, fmt, render_ranks_markdown, render_ranks_text)
+
+
+def _build(label: str, build: Callable[[], dict]) -> dict:
+    """Run an analysis; problems found in the files (or a point out of range) name them."""
     try:
-        with reading(", ".join(files)):
-            report = build_rank_report(traces, point)
+        with reading(label):
+            return build()
     except ValueError as exc:
-        raise UserError(f"{', '.join(files)}: {exc}") from None
+        raise UserError(f"{label}: {exc}") from None
+
+
+def _emit(report: dict, fmt: str, markdown: Callable[[dict], str], text: Callable[[dict, Console], None]) -> None:
     if fmt == "json":
         click.echo(json.dumps(report, indent=1))
     elif fmt == "md":
-        click.echo(render_ranks_markdown(report))
+        click.echo(markdown(report))
     else:
-        render_ranks_text(report, stdout_console())
+        text(report, stdout_console())
