@@ -205,6 +205,7 @@ class StackTable:
         self._raw: list[list] = []
         self._keys: dict[int, int] = {}
         self._frame_ids: dict[tuple, int] = {}
+        self._by_object: dict[int, int] = {}
         self._stack_ids: dict[tuple[int, ...], int] = {}
         self.frames: list[Frame] = []
         self.stacks: list[tuple[int, ...]] = []
@@ -232,7 +233,12 @@ class StackTable:
             frames = self._raw[raw]
             if not isinstance(frames, list):
                 raise SnapshotError("an event's 'frames' is not a list")
-            ids = tuple(self._intern_frame(f) for f in frames)
+            # pickle shares frame dicts between stacks: look them up by identity first (the raw
+            # lists keep them alive, so ids stay unique), by content only when first met
+            ids = list(map(self._by_object.get, map(id, frames)))
+            if None in ids:
+                ids = [self._intern_frame(f) if i is None else i for i, f in zip(ids, frames)]
+            ids = tuple(ids)
             sid = self._stack_ids.setdefault(ids, len(self.stacks))
             if sid == len(self.stacks):
                 self.stacks.append(ids)
@@ -257,6 +263,7 @@ class StackTable:
                 raise SnapshotError("a stack frame has a non-text name/filename or non-integer line")
             fid = self._frame_ids[key] = len(self.frames)
             self.frames.append(Frame(name, filename, line))
+        self._by_object[id(f)] = fid
         return fid
 
 
