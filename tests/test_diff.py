@@ -253,3 +253,11 @@ def test_7b_quickstart_per_owner_at_each_training_peak(tmp_path):
     assert peak[("autocast", "bf16")]["b_requested"] == copies
     assert peak[("autocast", "bf16")]["a_requested"] == 2 * 32000 * 4096                # int8 run: lm_head only
     assert diff["points"][0]["b"]["allocated"] > 3 * diff["points"][0]["a"]["allocated"]
+
+
+def test_guessed_frame_labels_stay_one_flame_level():
+    from vramtrace.diff.flame import cell_path
+    tagged = {"owner": "activation", "dtype": "bf16", "phase": "forward", "module": "model.layers.*.mlp"}
+    guessed = {"owner": "unknown", "dtype": "-", "phase": "forward", "module": "cs336_basics/transformer.py:22 forward"}
+    assert cell_path(tagged) == ["activation", "bf16", "forward", "model", "layers", "*", "mlp"]
+    assert cell_path(guessed) == ["unknown", "-", "forward", "cs336_basics/transformer.py:22 forward"]

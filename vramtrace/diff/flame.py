@@ -10,11 +10,14 @@ which ``flamegraph.pl`` draws as a differential flame graph.
 """
 from __future__ import annotations
 
+import re
 from html import escape
 
 from vramtrace.render.flame import ROOT, FlameNode, diff_tree
 from vramtrace.render.flame_html import flame_section, html_page
 from vramtrace.render.flame_svg import render_flame_svg
+
+_MODULE_PATH = re.compile(r"[\w.*]+")
 
 
 def cell_path(row: dict) -> list[str]:
@@ -24,7 +27,9 @@ def cell_path(row: dict) -> list[str]:
         path += row["stack"].split(";")
     else:
         path += [str(row.get("dtype", "-")), str(row.get("phase", "-"))]
-        path += [p for p in str(row.get("module", "-")).split(".") if p]
+        module = str(row.get("module", "-"))
+        # a module path splits into levels; a guessed "file.py:22 forward" frame label does not
+        path += [p for p in module.split(".") if p] if _MODULE_PATH.fullmatch(module) else [module]
     return [p.replace(";", ",") or "-" for p in path]
 
 
