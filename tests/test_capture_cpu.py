@@ -128,6 +128,33 @@ def test_frames_are_python_innermost_first_without_tracker_frames(recorded) -> N
     assert __file__ in files and files[0] != __file__          # innermost first: the test is outer
 
 
+def _stack_read_now() -> list[tuple[str, str, int]]:
+    """The caller's stack as (name, filename, f_lineno), read eagerly."""
+    out, f = [], sys._getframe(1)
+    while f is not None:
+        out.append((f.f_code.co_name, f.f_code.co_filename, f.f_lineno))
+        f = f.f_back
+    return out
+
+
+def test_raw_frames_resolve_to_the_lines_f_lineno_gave() -> None:
+    """Stacks are captured as (code, f_lasti) and their lines resolved at dump: the same lines."""
+    from vramtrace.capture import cpu_backend
+
+    def gen():
+        yield cpu_backend.python_frames(), _stack_read_now()
+
+    def nested(depth: int):
+        if depth:
+            return nested(depth - 1)
+        return [cpu_backend.python_frames(), _stack_read_now()] + [x for pair in gen() for x in pair]
+
+    raws, eager, raws_gen, eager_gen = nested(3)
+    for raw, seen in ((raws, eager), (raws_gen, eager_gen)):
+        # none of these frames is vramtrace's or torch dispatch's, so none is left out
+        assert [cpu_backend.frame_key(r) for r in raw] == seen
+
+
 def test_gradient_checkpointing_records_recompute(tmp_path: Path) -> None:
     m, opt, x = tiny_llama()
     m.gradient_checkpointing_enable()

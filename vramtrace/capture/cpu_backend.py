@@ -1,8 +1,8 @@
 """CPU capture backend: exact alloc/free of tensor storages, replayed through the allocator model.
 
 A TorchDispatchMode sees every op output; a storage it has not seen before is an allocation, and
-a ``weakref.finalize`` on that storage reports its free (DESIGN §7). No strong reference to any
-tensor or storage is kept, so recording does not change what it measures. At dump time the
+the callback of a weak reference to that storage reports its free (DESIGN §7). No strong
+reference to any tensor or storage is kept, so recording does not change what it measures. At dump time the
 events go through :class:`vramtrace.replay.allocator.CachingAllocatorModel`, which lays them out
 as a CUDA caching allocator would and yields a snapshot dict in PyTorch's exact format, with the
 *final* owner (re-tags applied by allocation identity) in ``category``/``user_metadata`` of each
@@ -39,16 +39,49 @@ _SKIP_FILES = frozenset({
 _PARAM_OWNERS = frozenset({tx.WEIGHT, tx.TRAINABLE, tx.QUANT_STATE})
 
 
-def python_frames() -> tuple[FrameKey, ...]:
-    """The caller's Python stack, innermost first, without vramtrace's or torch-dispatch frames."""
+# A captured frame: (id of its code object, f_lasti). The line number is resolved at dump time
+# (``frame_key``): ``f_lineno`` walks the code's line table on every access, ``f_lasti`` is a
+# field read, and most frames of a stack repeat from one allocation to the next.
+RawFrame = tuple[int, int]
+
+# id(code) -> (code, kept?): the code object is held so that its id is never reused while
+# captured frames name it; hashing a code object itself is costly (it hashes its bytecode).
+_CODES: dict[int, tuple[Any, bool]] = {}
+
+
+def python_frames() -> tuple[RawFrame, ...]:
+    """The caller's Python stack, innermost first, without vramtrace's or torch-dispatch frames,
+    as raw frames; :func:`frame_key` turns one into ``(name, filename, line)``."""
     out = []
+    codes = _CODES
     f = sys._getframe(1)
     while f is not None:
-        fn = f.f_code.co_filename
-        if fn not in _SKIP_FILES and not fn.startswith(_OWN_DIR):
-            out.append((f.f_code.co_name, fn, f.f_lineno))
+        code = f.f_code
+        hit = codes.get(id(code))
+        if hit is None:
+            fn = code.co_filename
+            hit = codes[id(code)] = (code, fn not in _SKIP_FILES and not fn.startswith(_OWN_DIR))
+        if hit[1]:
+            out.append((id(code), f.f_lasti))
         f = f.f_back
     return tuple(out)
+
+
+_NO_LINE = None if sys.version_info >= (3, 11) else -1   # what f_lineno reads for "no line"
+
+
+def frame_key(raw: RawFrame) -> FrameKey:
+    """``(name, filename, line)`` of a captured frame, ``line`` as ``f_lineno`` read it then."""
+    code = _CODES[raw[0]][0]
+    lasti = raw[1]
+    if lasti < 0:
+        return (code.co_name, code.co_filename, code.co_firstlineno)
+    line: Any = _NO_LINE
+    for start, end, ln in code.co_lines():
+        if start <= lasti < end:
+            line = _NO_LINE if ln is None else ln
+            break
+    return (code.co_name, code.co_filename, line)
 
 
 @dataclass(slots=True, eq=False)
@@ -56,10 +89,10 @@ class AllocRecord:
     """One storage's life; ``tag`` is updated in place by re-tags."""
     size: int
     time_us: int
-    frames: tuple[FrameKey, ...]
+    frames: tuple[RawFrame, ...]
     tag: Tag
     free_time_us: int = -1
-    free_frames: tuple[FrameKey, ...] = ()
+    free_frames: tuple[RawFrame, ...] = ()
     free_phase: str = ""
     free_step: int = -1
 
@@ -133,7 +166,9 @@ class CpuBackend:
         self.max_entries = max_entries
         self.ctx = TaggingContext(self)
         self._mode = _StorageMode(self, custom_op_internals)
-        self._live: dict[int, tuple[AllocRecord, weakref.finalize]] = {}
+        # storage key -> (record, weak reference whose callback reports the free); dropping the
+        # entry drops the reference, and with it the callback
+        self._live: dict[int, tuple[AllocRecord, weakref.ref]] = {}
         self._preexisting: list[AllocRecord] = []
         self._events: list[tuple[bool, AllocRecord]] = []   # (is_alloc, record), in order
         self._start_us = 0
@@ -156,14 +191,14 @@ class CpuBackend:
         self.ctx.sweep()
         self.ctx.uninstall()
         self.active = False
-        for _, fin in self._live.values():
-            fin.detach()
         self._live.clear()
 
     # -- observation ----------------------------------------------------------------------------
     def observe(self, t: torch.Tensor, func: Any = None, args: tuple = ()) -> None:
         """Record ``t``'s storage if it is new (called for each op output)."""
-        if not self.active or t.device.type == "meta":
+        # is_meta first: reading .device builds a device object (a fake tensor is meta inside
+        # but reports its fake device, so .device still decides)
+        if not self.active or (t.is_meta and t.device.type == "meta"):
             return
         try:
             st = t.untyped_storage()
@@ -174,8 +209,7 @@ class CpuBackend:
         if hit is not None:
             if hit[0].size == size:
                 return
-            hit[1].detach()               # resized in place: old block freed, new one made
-            self._on_free(st._cdata, hit[0])
+            self._on_free(st._cdata, hit[0])   # resized in place: old block freed, new one made
         if size == 0:
             return
         rec = AllocRecord(size, _now_us(), python_frames() if self.stacks else (),
@@ -185,9 +219,8 @@ class CpuBackend:
 
     def _track(self, st: torch.UntypedStorage, rec: AllocRecord) -> None:
         key = st._cdata
-        fin = weakref.finalize(st, self._on_free, key, rec)
-        fin.atexit = False
-        self._live[key] = (rec, fin)
+        on_free = self._on_free
+        self._live[key] = (rec, weakref.ref(st, lambda _ref: on_free(key, rec)))
 
     def _on_free(self, key: int, rec: AllocRecord) -> None:
         hit = self._live.get(key)
@@ -206,7 +239,8 @@ class CpuBackend:
 
         A storage never seen before existed before recording started (weights loaded earlier, a
         batch already on the device): it is recorded as allocated at the start."""
-        if not self.active or not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+        if (not self.active or not isinstance(tensor, torch.Tensor)
+                or (tensor.is_meta and tensor.device.type == "meta")):
             return
         try:
             st = tensor.untyped_storage()
@@ -247,23 +281,36 @@ class CpuBackend:
         if self.active:
             self.ctx.sweep()
         model = allocator.CachingAllocatorModel(allocator.AllocatorSettings(), device=0)
-        frame_dicts: dict[FrameKey, dict] = {}
+        raw_dicts: dict[RawFrame, dict] = {}
+        frame_dicts: dict[FrameKey, dict] = {}   # one dict per distinct frame, as before
+        stacks: dict[tuple[RawFrame, ...], list[dict]] = {}
 
-        def frames(keys: tuple[FrameKey, ...]) -> list[dict]:
-            out = []
-            for k in keys:
-                d = frame_dicts.get(k)
+        def frames(raws: tuple[RawFrame, ...]) -> list[dict]:
+            done = stacks.get(raws)
+            if done is not None:
+                return done.copy()           # a list of its own per event, as before
+            out = stacks[raws] = []
+            for r in raws:
+                d = raw_dicts.get(r)
                 if d is None:
-                    d = frame_dicts[k] = {"name": k[0], "filename": k[1], "line": k[2]}
+                    k = frame_key(r)
+                    d = frame_dicts.get(k)
+                    if d is None:
+                        d = frame_dicts[k] = {"name": k[0], "filename": k[1], "line": k[2]}
+                    raw_dicts[r] = d
                 out.append(d)
-            return out
+            return out.copy()
 
         addr: dict[int, int] = {}
+        metas: dict[tuple, str] = {}   # the same tag fields give the same JSON
         for is_alloc, rec in [(True, r) for r in self._preexisting] + self._events:
             if is_alloc:
-                owner = final_owner(rec.tag.owner, rec.tag.phase, rec.tag.step, rec.free_phase, rec.free_step)
-                meta = Tag(owner, rec.tag.module, rec.tag.phase, rec.tag.step, rec.tag.dtype,
-                           rec.tag.shape, rec.tag.param).to_json()
+                t = rec.tag
+                owner = final_owner(t.owner, t.phase, t.step, rec.free_phase, rec.free_step)
+                key = (owner, t.module, t.phase, t.step, t.dtype, t.shape, t.param)
+                meta = metas.get(key)
+                if meta is None:
+                    meta = metas[key] = Tag(*key).to_json()
                 addr[id(rec)] = model.malloc(rec.size, frames=frames(rec.frames), time_us=rec.time_us,
                                              category=owner, user_metadata=meta, compile_context="N/A")
             else:

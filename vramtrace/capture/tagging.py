@@ -47,6 +47,10 @@ def dtype_name(dtype: torch.dtype) -> str:
     return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
 
 
+# json.dumps(..., separators=...) builds a new encoder per call; this is the same encoder, made once.
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
 @dataclass(slots=True)
 class Tag:
     """Owner plus the detail that travels in ``user_metadata`` (keys: taxonomy.METADATA_KEYS)."""
@@ -60,9 +64,9 @@ class Tag:
 
     def to_json(self) -> str:
         """Compact JSON for ``user_metadata``; plain types only so the snapshot stays viewer-safe."""
-        return json.dumps({"owner": self.owner, "module": self.module, "phase": self.phase,
-                           "step": self.step, "dtype": self.dtype, "shape": list(self.shape),
-                           "param": self.param}, separators=(",", ":"))
+        return _COMPACT.encode({"owner": self.owner, "module": self.module, "phase": self.phase,
+                                "step": self.step, "dtype": self.dtype, "shape": list(self.shape),
+                                "param": self.param})
 
 
 class TagListener(Protocol):
@@ -190,9 +194,19 @@ class TaggingContext:
             return st[-1][0]
         return self._backward_module if _in_backward() else ""
 
+    def _where(self) -> tuple[str, str]:
+        """``(self.module, self.phase)`` with one look at the thread's stack and the engine."""
+        st = self._stack()
+        if _in_backward():
+            return (st[-1][0], "recompute") if st else (self._backward_module, "backward")
+        module = st[-1][0] if st else ""
+        if self._optimizer_depth:
+            return module, "optimizer"
+        return module, ("forward" if st else "setup")
+
     def context_tag(self) -> Tag:
         """Tag for an allocation made now, before its tensor is known."""
-        return Tag(tx.TEMPORARY, self.module, self.phase, self.step)
+        return Tag(tx.TEMPORARY, *self._where(), self.step)
 
     def context_json(self) -> str:
         """The context string the CUDA backend stamps as thread-local memory metadata."""
@@ -204,8 +218,7 @@ class TaggingContext:
         Owner is ``temporary`` unless the op is autocast's cast of a parameter (``autocast``);
         later roles arrive as re-tags.
         """
-        tag = Tag(tx.TEMPORARY, self.module, self.phase, self.step, dtype_name(tensor.dtype),
-                  tuple(tensor.shape))
+        tag = Tag(tx.TEMPORARY, *self._where(), self.step, dtype_name(tensor.dtype), tuple(tensor.shape))
         st = self._stack()
         if (func is torch.ops.aten._to_copy.default and st and st[-1][1] and args
                 and isinstance(args[0], torch.Tensor)):
@@ -329,7 +342,7 @@ class TaggingContext:
 
     # -- roles ---------------------------------------------------------------------------------
     def _role(self, t: torch.Tensor, owner: str, param: str = "") -> Tag:
-        return Tag(owner, self.module, self.phase, self.step, dtype_name(t.dtype), tuple(t.shape), param)
+        return Tag(owner, *self._where(), self.step, dtype_name(t.dtype), tuple(t.shape), param)
 
     def track_model(self, root: torch.nn.Module) -> None:
         """Adopt ``root``: name its modules, tag its parameters/buffers, watch its gradients."""
