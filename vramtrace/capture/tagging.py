@@ -93,35 +93,30 @@ def set_cuda_memory_metadata(metadata: str) -> bool:
     return True
 
 
-def _tensors_in(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
-    """Tensors held by optimizer state / quantization-state objects (dicts, lists, QuantState)."""
-    if depth > 4:
+def _tensors_in(obj: Any, depth: int = 0, *, max_depth: int = 4,
+                state_objects: bool = True) -> Iterator[torch.Tensor]:
+    """Tensors held by optimizer state / quantization-state objects (dicts, lists, and with
+    ``state_objects`` bitsandbytes' QuantState / MatmulLtState)."""
+    if depth > max_depth:
         return
     if isinstance(obj, torch.Tensor):
         yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors_in(v, depth + 1)
+        return
+    if isinstance(obj, dict):
+        children: Any = obj.values()
     elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors_in(v, depth + 1)
-    elif type(obj).__name__ in ("QuantState", "MatmulLtState"):
-        for v in vars(obj).values():
-            yield from _tensors_in(v, depth + 1)
+        children = obj
+    elif state_objects and type(obj).__name__ in ("QuantState", "MatmulLtState"):
+        children = vars(obj).values()
+    else:
+        return
+    for v in children:
+        yield from _tensors_in(v, depth + 1, max_depth=max_depth, state_objects=state_objects)
 
 
-def _flat_tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+def _flat_tensors(obj: Any) -> Iterator[torch.Tensor]:
     """Tensors in forward args/kwargs/outputs (HF ModelOutput is a dict subclass)."""
-    if depth > 3:
-        return
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for v in obj.values():
-            yield from _flat_tensors(v, depth + 1)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _flat_tensors(v, depth + 1)
+    return _tensors_in(obj, max_depth=3, state_objects=False)
 
 
 def _in_backward() -> bool:
