@@ -94,7 +94,7 @@ def _summary(trace: Trace, dev: dict) -> str:
     state, at = dev["state"], dev["at"]
     frag = state["fragmentation"]
     rows = [
-        ("device", f"cuda:{dev['device']} of {trace.n_devices}"),
+        ("device", f"{dev['device']} of {trace.n_devices}"),
         ("events", f"{dev['events']:,} over {fmt_seconds(dev['time_span_s'])}"),
         ("peak allocated", _when(dev["peak_allocated"])),
         ("peak reserved", _when(dev["peak_reserved"])),
