@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from typing import Any, Iterator
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -38,11 +39,8 @@ def _cuda_dropout() -> Iterator[None]:
             return torch.native_dropout(input, p, True)[0]
         return original(input, p, training, inplace)
 
-    F.dropout = dropout
-    try:
+    with mock.patch.object(F, "dropout", dropout):
         yield
-    finally:
-        F.dropout = original
 
 
 @contextlib.contextmanager
@@ -61,12 +59,8 @@ def _bnb_cuda_matmul() -> Iterator[None]:
             state.threshold = threshold
         return bf.MatMul8bitLt.apply(A, B, out, bias, state)
 
-    saved = bnb.matmul, bf.matmul
-    bnb.matmul = bf.matmul = matmul
-    try:
+    with mock.patch.object(bnb, "matmul", matmul), mock.patch.object(bf, "matmul", matmul):
         yield
-    finally:
-        bnb.matmul, bf.matmul = saved
 
 
 @contextlib.contextmanager
@@ -86,11 +80,8 @@ def _unpacked_position_ids() -> Iterator[None]:
             (mask[:, -1] == 0).all()  # the real check's temporaries; its answer for unpacked rows is None
         return None
 
-    mu.find_packed_sequence_indices = find_packed_sequence_indices
-    try:
+    with mock.patch.object(mu, "find_packed_sequence_indices", find_packed_sequence_indices):
         yield
-    finally:
-        mu.find_packed_sequence_indices = original
 
 
 @contextlib.contextmanager
