@@ -213,7 +213,7 @@ def _rewind(evs: list[_Ev], final: list[dict], settings: AllocatorSettings) -> t
                 blocks.append({"address": cur, "size": b["address"] - cur, "requested_size": sentinel,
                                "state": "inactive", "frames": []})
                 sentinel -= 1
-            size = b.get("size") or _start_block_size(b["requested_size"], nxt - b["address"], small, settings)
+            size = b.get("size") or start_block_size(b["requested_size"], nxt - b["address"], small, settings)
             if b["address"] + size > nxt:
                 problems.append(f"block {b['address']:#x} alive before the trace overlaps its neighbour")
                 size = nxt - b["address"]
@@ -236,7 +236,7 @@ def _discover(pre: dict[int, dict], problems: list[str], i: int, e: _Ev, state: 
     pre[e.addr] = {"address": e.addr, "requested_size": e.size, "stream": e.stream, "state": state}
 
 
-def _start_block_size(requested: int, room: int, small: bool, settings: AllocatorSettings) -> int:
+def start_block_size(requested: int, room: int, small: bool, settings: AllocatorSettings) -> int:
     """Size of a block alive before the trace: rounded request, plus the trailing gap when
     that gap is too small to be a block of its own (the allocator did not split)."""
     size = round_size(requested, settings)

@@ -15,10 +15,10 @@ import dataclasses
 
 import numpy as np
 
-from vramtrace.replay.agreement import rewound_state
+from vramtrace.replay.agreement import start_block_size
 from vramtrace.replay.allocator import (
-    K_MIN_BLOCK, K_SMALL_SIZE, NEVER_SPLIT, AllocatorSettings, round_size, split_threshold)
-from vramtrace.trace import Action, Trace
+    K_MIN_BLOCK, K_SMALL_BUFFER, K_SMALL_SIZE, NEVER_SPLIT, AllocatorSettings, round_size, split_threshold)
+from vramtrace.trace import Action, BlockState, Trace
 
 _BLOCK_EVENTS = (Action.ALLOC, Action.FREE_REQUESTED, Action.FREE_COMPLETED)
 _SEGMENT_EVENTS = (Action.SEGMENT_ALLOC, Action.SEGMENT_FREE)
@@ -63,7 +63,7 @@ def exact_block_sizes(trace: Trace, device: int) -> np.ndarray:
     value[in_steps] = rounded[inverse]     # allocs: the rounded request (frees: unused)
     split_from = np.zeros(len(steps), np.int64)
     split_from[in_steps] = (rounded + thresholds)[inverse]
-    sizes[steps] = _replay_extents(rewound_layout(trace, device), action[steps].tolist(),
+    sizes[steps] = _replay_extents(start_layout(trace, device, settings), action[steps].tolist(),
                                    trace.addr[sl][steps].tolist(), value.tolist(), split_from.tolist())
     return sizes
 
@@ -97,49 +97,108 @@ def _device_settings(trace: Trace, device: int, action: np.ndarray) -> Allocator
     return settings
 
 
-def rewound_layout(trace: Trace, device: int) -> list[dict]:
-    """`rewound_state(trace, device)`'s segments, 25-45x faster on 1M-event traces.
+@dataclasses.dataclass
+class StartLayout:
+    """A device's allocator extents just before its first event (what the replay starts from):
+    `rewound_state`'s segments reduced to what placement reads, as arrays."""
 
-    The rewind reads, per address, only whether its first alloc/free event is a free (a block
-    alive before the trace) and whether its last one leaves a block live (the final state owns
-    it), plus every segment event; so it is run on a trace holding just those events, for just
-    the addresses where one of the two holds."""
+    heads: np.ndarray        # segment start addresses, ascending
+    free_start: np.ndarray   # free extents, segment by segment in address order
+    free_end: np.ndarray
+    live_addr: np.ndarray    # blocks allocated or pending free, ascending
+    live_size: np.ndarray
+
+
+def start_layout(trace: Trace, device: int, settings: AllocatorSettings) -> StartLayout:
+    """The layout `rewound_state(trace, device)` gives, computed with array operations.
+
+    The rewind needs, per address, only its first and last block event and its first segment
+    event; building snapshot dicts of every final segment and replaying the trace backwards
+    in Python cost more than the rest of a report on files with few events."""
     sl = trace.device_slice(device)
-    action = trace.action[sl]
-    rel = np.flatnonzero(np.isin(action, _BLOCK_EVENTS))
-    order = np.argsort(trace.addr[sl][rel], kind="stable")
-    addr = trace.addr[sl][rel][order]
-    starts = np.flatnonzero(np.r_[True, addr[1:] != addr[:-1]])
-    first = rel[order[starts]]
-    last = rel[order[np.r_[starts[1:], len(addr)] - 1]]
-    matters = (action[first] != Action.ALLOC) | (action[last] != Action.FREE_COMPLETED)
-    keep = np.union1d(np.union1d(first[matters], last[matters]),
-                      np.flatnonzero(np.isin(action, _SEGMENT_EVENTS))) + sl.start
-    reduced = dataclasses.replace(
-        trace, action=trace.action[keep], addr=trace.addr[keep], size=trace.size[keep],
-        stream=trace.stream[keep], time_us=trace.time_us[keep], device=trace.device[keep],
-        stack=trace.stack[keep], tag=trace.tag[keep])
-    return rewound_state(reduced, device)[0]
+    action, addr, size = trace.action[sl], trace.addr[sl], trace.size[sl]
+    first, last = _first_and_last(addr, np.flatnonzero(np.isin(action, _BLOCK_EVENTS)))
+    # a first event other than an alloc frees a block alive before the trace (its size is
+    # derived from the request below); the final state holds the other blocks alive before
+    # it: active at the end, yet neither freed first nor left live by the trace's last event
+    freed_first = first[action[first] != Action.ALLOC]
+    live_at_end = addr[last[action[last] != Action.FREE_COMPLETED]]
+    segs, blks = trace.segments, trace.blocks
+    final = (segs.device[blks.segment] == device) & (blks.state != BlockState.INACTIVE)
+    final &= ~np.isin(blks.address, live_at_end) & ~np.isin(blks.address, addr[freed_first])
+    block_addr = np.concatenate([addr[freed_first], blks.address[final]])
+    block_size = np.concatenate([np.zeros(len(freed_first), np.int64), blks.size[final]])
+    requested = np.concatenate([size[freed_first], blks.requested_size[final]])
+
+    heads, seg_end, small = _start_segments(trace, device, action, addr, size)
+    order = np.argsort(block_addr)
+    block_addr, block_size, requested = block_addr[order], block_size[order], requested[order]
+    seg = np.searchsorted(heads, block_addr, side="right") - 1
+    inside = seg >= 0
+    inside[inside] = block_addr[inside] < seg_end[seg[inside]]
+    block_addr, block_size, requested, seg = block_addr[inside], block_size[inside], requested[inside], seg[inside]
+
+    # each block reaches at most the next block of its segment, or the segment's end
+    next_in_seg = np.zeros(len(seg), bool)
+    next_in_seg[:-1] = seg[1:] == seg[:-1]
+    room = np.where(next_in_seg, np.roll(block_addr, -1), seg_end[seg]) - block_addr
+    unknown = np.flatnonzero(block_size == 0)
+    block_size[unknown] = [start_block_size(r, m, s, settings) for r, m, s in zip(
+        requested[unknown].tolist(), room[unknown].tolist(), small[seg[unknown]].tolist())]
+    block_end = block_addr + np.minimum(block_size, room)
+
+    # free extents: the gap before each block, and each segment's tail
+    first_in_seg = np.ones(len(seg), bool)
+    first_in_seg[1:] = ~next_in_seg[:-1]
+    gap_start = np.where(first_in_seg, heads[seg], np.roll(block_end, 1))
+    gap = block_addr > gap_start
+    tail_start = heads.copy()
+    tail_start[seg[~next_in_seg]] = block_end[~next_in_seg]
+    tail = tail_start < seg_end
+    free_seg = np.concatenate([seg[gap], np.flatnonzero(tail)])
+    free_start = np.concatenate([gap_start[gap], tail_start[tail]])
+    free_end = np.concatenate([block_addr[gap], seg_end[tail]])
+    order = np.lexsort((free_start, free_seg))
+    return StartLayout(heads, free_start[order], free_end[order], block_addr, block_end - block_addr)
 
 
-def _replay_extents(layout: list[dict], action: list[int], addr: list[int], value: list[int],
+def _first_and_last(addr: np.ndarray, events: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The first and the last of `events` (ascending indices) at each address they touch."""
+    if not len(events):
+        return events, events
+    order = np.argsort(addr[events], kind="stable")
+    sorted_addr = addr[events[order]]
+    starts = np.flatnonzero(np.r_[True, sorted_addr[1:] != sorted_addr[:-1]])
+    return events[order[starts]], events[order[np.r_[starts[1:], len(events)] - 1]]
+
+
+def _start_segments(trace: Trace, device: int, action: np.ndarray, addr: np.ndarray,
+                    size: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Start address, end and small-pool flag of the segments that existed before the first
+    event, by start address: the final ones, except where an address's first segment event
+    says otherwise (an alloc: not yet there; a free: there, at the freed size)."""
+    segs = trace.segments
+    on_device = segs.device == device
+    first, _ = _first_and_last(addr, np.flatnonzero(np.isin(action, _SEGMENT_EVENTS)))
+    freed = first[action[first] == Action.SEGMENT_FREE]
+    kept = on_device & ~np.isin(segs.address, addr[first])
+    heads = np.concatenate([segs.address[kept], addr[freed]])
+    total = np.concatenate([segs.total_size[kept], size[freed]])
+    small = np.concatenate([~segs.is_large[kept], size[freed] == K_SMALL_BUFFER])
+    order = np.argsort(heads)
+    return heads[order], heads[order] + total[order], small[order]
+
+
+def _replay_extents(layout: StartLayout, action: list[int], addr: list[int], value: list[int],
                     split_from: list[int]) -> list[int]:
     """The per-event loop (kept tight: ~1 µs/event). `value` is the rounded request of an
     alloc or the size of a segment event; an alloc splits free blocks of `split_from` bytes
     or more. Returns block sizes, 0 from the first inconsistency on."""
-    free_at: dict[int, int] = {}    # free block start -> end
-    free_end: dict[int, int] = {}   # free block end -> start
-    live: dict[int, int] = {}       # allocated or pending-free block start -> size
-    heads: set[int] = set()         # segment starts: no merging across them
-    for seg in layout:
-        heads.add(seg["address"])
-        for b in seg["blocks"]:
-            a, s = b["address"], b["size"]
-            if b["state"] == "inactive":
-                free_at[a] = a + s
-                free_end[a + s] = a
-            else:
-                live[a] = s
+    starts, ends = layout.free_start.tolist(), layout.free_end.tolist()
+    free_at = dict(zip(starts, ends))       # free block start -> end
+    free_end = dict(zip(ends, starts))      # free block end -> start
+    live = dict(zip(layout.live_addr.tolist(), layout.live_size.tolist()))  # allocated or pending-free block start -> size
+    heads = set(layout.heads.tolist())      # segment starts: no merging across them
     ALLOC, FREE, SEG_ALLOC = int(Action.ALLOC), int(Action.FREE_COMPLETED), int(Action.SEGMENT_ALLOC)
     out = [0] * len(action)
     for k, (act, x, v, split) in enumerate(zip(action, addr, value, split_from)):
