@@ -137,22 +137,25 @@ def _stack_read_now() -> list[tuple[str, str, int]]:
     return out
 
 
-def test_raw_frames_resolve_to_the_lines_f_lineno_gave() -> None:
-    """Stacks are captured as (code, f_lasti) and their lines resolved at dump: the same lines."""
+def test_captured_stacks_resolve_to_the_lines_f_lineno_gave() -> None:
+    """Stacks are captured natively and resolved at dump: the lines f_lineno read at capture."""
     from vramtrace.capture import cpu_backend
 
     def gen():
-        yield cpu_backend.python_frames(), _stack_read_now()
+        yield cpu_backend.capture_stack(), _stack_read_now()
 
     def nested(depth: int):
         if depth:
             return nested(depth - 1)
-        return [cpu_backend.python_frames(), _stack_read_now()] + [x for pair in gen() for x in pair]
+        return [cpu_backend.capture_stack(), _stack_read_now()] + [x for pair in gen() for x in pair]
 
     raws, eager, raws_gen, eager_gen = nested(3)
+    resolve = cpu_backend.StackResolver([raws, raws_gen, None])
+    assert resolve(None) == []
     for raw, seen in ((raws, eager), (raws_gen, eager_gen)):
         # none of these frames is vramtrace's or torch dispatch's, so none is left out
-        assert [cpu_backend.frame_key(r) for r in raw] == seen
+        assert [(f["name"], f["filename"], f["line"]) for f in resolve(raw)] == seen
+        assert resolve(raw) is not resolve(raw)        # a list of its own per event
 
 
 def test_gradient_checkpointing_records_recompute(tmp_path: Path) -> None:
