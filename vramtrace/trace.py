@@ -234,10 +234,14 @@ class StackTable:
             if not isinstance(frames, list):
                 raise SnapshotError("an event's 'frames' is not a list")
             # pickle shares frame dicts between stacks: look them up by identity first (the raw
-            # lists keep them alive, so ids stay unique), by content only when first met
+            # lists keep them alive, so ids stay unique), by content only when first met. A new
+            # stack holds a few unmet frame objects among ~60: finding them with list.index
+            # keeps the scan in C, where a Python loop over the whole stack cost more
             ids = list(map(self._by_object.get, map(id, frames)))
-            if None in ids:
-                ids = [self._intern_frame(f) if i is None else i for i, f in zip(ids, frames)]
+            k = -1
+            for _ in range(ids.count(None)):
+                k = ids.index(None, k + 1)
+                ids[k] = self._intern_frame(frames[k])
             ids = tuple(ids)
             sid = self._stack_ids.setdefault(ids, len(self.stacks))
             if sid == len(self.stacks):
