@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from itertools import compress
 
 import numpy as np
 
@@ -80,31 +81,44 @@ class _Guesser:
     thousand distinct frames: matching the rules per frame, then taking the first rule any
     frame of a stack matches, costs a lookup per frame instead of regex searches per stack."""
 
+    _NO_STACK = {before: Attribution(UNKNOWN, f"({why})", why, "-", True)
+                 for before, why in ((True, GUESS_BEFORE), (False, GUESS_NO_STACK))}
+
     def __init__(self, trace: Trace) -> None:
         self.table = trace.stack_table
         self.rule: list[int] = []       # per frame id: index of the first rule it matches
         self.user: list[bool] = []      # per frame id: user code (not Python's, torch's, generated)
+        self.labels: dict[int, str] = {}  # per user frame id: "file.py:line name"
         self.by_key: dict[int, Attribution] = {}
 
     def __call__(self, stack: int, before_trace: bool) -> Attribution:
         if stack < 0:
-            why = GUESS_BEFORE if before_trace else GUESS_NO_STACK
-            return Attribution(UNKNOWN, f"({why})", why, "-", True)
+            return self._NO_STACK[before_trace]
         key = self.table.key(stack)
         a = self.by_key.get(key)
         if a is None:
             self._learn()
             ids = self.table.stacks[key]
+            # map/compress walk the ~60 frames in C
             first_rule = min(map(self.rule.__getitem__, ids), default=len(_PHASE_RULES))
             phase = _PHASE_RULES[first_rule][0] if first_rule < len(_PHASE_RULES) else GUESS_OTHER
-            where = next((_where(self.table.frames[i]) for i in ids if self.user[i]), "-")
-            a = self.by_key[key] = Attribution(UNKNOWN, where, phase, "-", True)
+            user = next(compress(ids, map(self.user.__getitem__, ids)), None)
+            a = self.by_key[key] = Attribution(UNKNOWN, self._label(user), phase, "-", True)
         return a
 
     def _learn(self) -> None:
         for f in self.table.frames[len(self.rule):]:
             self.rule.append(_first_rule(f))
             self.user.append(is_python_frame(f) and not _LIBRARY.search(f.filename))
+
+    def _label(self, frame_id: int | None) -> str:
+        """Where a stack's first user frame is ("-": none); many stacks share it."""
+        if frame_id is None:
+            return "-"
+        label = self.labels.get(frame_id)
+        if label is None:
+            label = self.labels[frame_id] = _where(self.table.frames[frame_id])
+        return label
 
 
 def _first_rule(f: Frame) -> int:
