@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 
@@ -51,7 +51,8 @@ def device_report(trace: Trace, tl: DeviceTimeline, at: str | int) -> dict:
     index = tl.resolve_point(at)
     live = tl.allocations.live_at(index)
     attrs = attribute(trace, tl.allocations, live)
-    sizes = tl.allocations.size[live]
+    sizes = tl.allocations.size[live].tolist()
+    totals = _totals(attrs, sizes)
     guessed = bool(attrs) and all(a.guessed for a in attrs)
     times = tl.time_us[tl.time_us >= 0]
     sl = tl.events
@@ -76,11 +77,11 @@ def device_report(trace: Trace, tl: DeviceTimeline, at: str | int) -> dict:
         "estimated_block_sizes": int((~tl.allocations.size_exact).sum()),
         "oom_events": _ooms(trace, sl),
         "attribution": "guessed from stack frames" if guessed else "vramtrace tags",
-        "by_owner": _group(attrs, sizes, lambda a: a.owner),
-        "by_owner_dtype": _group(attrs, sizes, lambda a: f"{a.owner} {a.dtype}"),
-        "by_module": _group(attrs, sizes, lambda a: fold_module(a.module)),
-        "by_phase": _group(attrs, sizes, lambda a: a.phase),
-        "top_stacks": _top_stacks(trace, tl, live, attrs),
+        "by_owner": _group(totals, lambda a: a.owner),
+        "by_owner_dtype": _group(totals, lambda a: f"{a.owner} {a.dtype}"),
+        "by_module": _group(totals, lambda a: fold_module(a.module)),
+        "by_phase": _group(totals, lambda a: a.phase),
+        "top_stacks": _top_stacks(trace, tl.allocations.stack[live].tolist(), sizes, attrs),
     }
 
 
@@ -94,27 +95,40 @@ def _ooms(trace: Trace, sl: slice) -> list[dict]:
              "time_us": int(trace.time_us[sl][i]) if trace.time_us[sl][i] >= 0 else None} for i in rows]
 
 
-def _group(attrs: list[Attribution], sizes: np.ndarray, key) -> list[dict]:
-    total = int(sizes.sum())
+def _totals(attrs: list[Attribution], sizes: list[int]) -> list[tuple[Attribution, int, int]]:
+    """Bytes and count per Attribution object. Rows share a few hundred objects, so the
+    groupings below run their key (a regex for modules) per object instead of per row."""
+    totals: dict[int, list] = {}
+    for a, s in zip(attrs, sizes):
+        t = totals.get(id(a))
+        if t is None:
+            totals[id(a)] = [a, s, 1]
+        else:
+            t[1] += s
+            t[2] += 1
+    return [tuple(t) for t in totals.values()]
+
+
+def _group(totals: list[tuple[Attribution, int, int]], key: Callable[[Attribution], str]) -> list[dict]:
+    total = sum(b for _, b, _ in totals)
     bytes_by: dict[str, int] = defaultdict(int)
     count_by: dict[str, int] = defaultdict(int)
-    for a, s in zip(attrs, sizes.tolist()):
+    for a, b, n in totals:
         k = key(a)
-        bytes_by[k] += s
-        count_by[k] += 1
+        bytes_by[k] += b
+        count_by[k] += n
     rows = sorted(bytes_by.items(), key=lambda kv: (-kv[1], kv[0]))
     return [{"name": k, "bytes": b, "count": count_by[k], "share": b / total if total else 0.0}
             for k, b in rows]
 
 
-def _top_stacks(trace: Trace, tl: DeviceTimeline, live: np.ndarray, attrs: list[Attribution]) -> list[dict]:
+def _top_stacks(trace: Trace, stacks: list[int], sizes: list[int], attrs: list[Attribution]) -> list[dict]:
     bytes_by: dict[tuple, int] = defaultdict(int)
     count_by: dict[tuple, int] = defaultdict(int)
     example: dict[tuple, int] = {}
-    for row, a in zip(live.tolist(), attrs):
-        stack = int(tl.allocations.stack[row])
+    for stack, size, a in zip(stacks, sizes, attrs):
         key = (trace.stack_key(stack), a.owner)
-        bytes_by[key] += int(tl.allocations.size[row])
+        bytes_by[key] += size
         count_by[key] += 1
         example.setdefault(key, stack)
     top = sorted(bytes_by.items(), key=lambda kv: -kv[1])[:TOP_STACKS]
