@@ -198,25 +198,21 @@ def _allocations(trace: Trace, device: int, sl: slice) -> Allocations:
     a_idx, f_idx = ev[a_pos], ev[f_pos]
 
     final = _final_blocks(trace, device)
+    alive = np.flatnonzero(a_end == n)
     # blocks alive at the end that no alloc event in the trace produced
-    alive_from_trace = {int(a) for a, e in zip(addr[a_pos], a_end) if e == n}
-    pre_alive = [i for i, a in enumerate(final["address"]) if int(a) not in alive_from_trace]
+    pre = np.flatnonzero(~np.isin(final["address"], addr[a_pos][alive]))
 
     # block sizes from the free-extent bookkeeping; 0 (unknown) past an inconsistent history
     block_size = exact_block_sizes(trace, device)
     a_requested = ev_size[a_idx]
     a_size, a_exact = _sized(block_size[a_idx], a_requested)
     # blocks alive at the end: the final state gives their exact size
-    final_size = dict(zip(final["address"].tolist(), final["size"].tolist()))
-    alive = a_end == n
-    for k in np.flatnonzero(alive):
-        s = final_size.get(int(addr[a_pos][k]))
-        if s is not None:
-            a_size[k], a_exact[k] = s, True
+    in_final, final_size = _final_size_at(final, addr[a_pos][alive])
+    a_size[alive[in_final]] = final_size
+    a_exact[alive[in_final]] = True
 
     f_requested = ev_size[f_idx]
     f_size, f_exact = _sized(block_size[f_idx], f_requested)
-    pre = np.array(pre_alive, dtype=np.int64)
     allocs = Allocations(
         alloc_index=np.concatenate([a_idx, np.full(len(f_idx) + len(pre), -1)]),
         free_index=np.concatenate([a_end, f_idx, np.full(len(pre), n)]),
@@ -236,6 +232,17 @@ def _sized(exact: np.ndarray, requested: np.ndarray) -> tuple[np.ndarray, np.nda
     """Block sizes where known (> 0), else the rounded request; and which are known."""
     known = exact > 0
     return np.where(known, exact, round_size(requested)), known
+
+
+def _final_size_at(final: dict[str, np.ndarray], addrs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which of `addrs` hold a final block, and those blocks' sizes (of the last one listed,
+    should a file list an address twice)."""
+    order = np.argsort(final["address"], kind="stable")
+    sorted_addr = final["address"][order]
+    at = np.searchsorted(sorted_addr, addrs, side="right") - 1
+    found = at >= 0
+    found[found] = sorted_addr[at[found]] == addrs[found]
+    return found, final["size"][order[at[found]]]
 
 
 def _final_blocks(trace: Trace, device: int) -> dict[str, np.ndarray]:
