@@ -26,16 +26,24 @@ GUESS_OTHER = "other"
 GUESS_NO_STACK = "no stack recorded"
 GUESS_BEFORE = "before the trace began"
 
-# (phase, pattern over a frame's "filename:name") in priority order.
-_PHASE_RULES: tuple[tuple[str, re.Pattern], ...] = tuple((phase, re.compile(pattern)) for phase, pattern in (
-    (GUESS_OPTIMIZER, r"torch[/\\]optim[/\\]|bitsandbytes[/\\]optim|zero_grad"),
-    (GUESS_BACKWARD, r"torch[/\\]autograd[/\\]__init__|_engine_run_backward|"
-                     r"torch::autograd::Engine|autograd::.*Backward|run_backward"),
-    (GUESS_DATA, r"torch[/\\]utils[/\\]data[/\\]"),
-    (GUESS_SETUP, r"load_state_dict|from_pretrained|modeling_utils|"
-                  r"nn[/\\]modules[/\\]module\.py:(_apply|to|cuda)$"),
-    (GUESS_FORWARD, r"nn[/\\]modules[/\\]module\.py:(_call_impl|_wrapped_call_impl|forward)$|:forward$"),
-))
+# (phase, words, pattern over a frame's "filename:name") in priority order. Every match of a
+# pattern contains one of its words (tests/test_classify.py checks each alternative): substring
+# tests of the words spare the regex searches, ~1 µs each on ~100-character frame texts, for
+# the frames that match no rule, nearly all of them.
+_PHASE_RULES: tuple[tuple[str, tuple[str, ...], re.Pattern], ...] = tuple(
+    (phase, words, re.compile(pattern)) for phase, words, pattern in (
+        (GUESS_OPTIMIZER, ("optim", "zero_grad"), r"torch[/\\]optim[/\\]|bitsandbytes[/\\]optim|zero_grad"),
+        (GUESS_BACKWARD, ("autograd", "run_backward"),
+         r"torch[/\\]autograd[/\\]__init__|_engine_run_backward|"
+         r"torch::autograd::Engine|autograd::.*Backward|run_backward"),
+        (GUESS_DATA, ("data",), r"torch[/\\]utils[/\\]data[/\\]"),
+        (GUESS_SETUP, ("load_state_dict", "from_pretrained", "modeling_utils", "module"),
+         r"load_state_dict|from_pretrained|modeling_utils|nn[/\\]modules[/\\]module\.py:(_apply|to|cuda)$"),
+        (GUESS_FORWARD, ("module", "forward"),
+         r"nn[/\\]modules[/\\]module\.py:(_call_impl|_wrapped_call_impl|forward)$|:forward$"),
+    ))
+_RULE_WORDS = tuple(dict.fromkeys(w for _, words, _ in _PHASE_RULES for w in words))
+
 # Library code and generated code (torch.compile's inductor kernels live in /tmp/torchinductor_*)
 _LIBRARY = re.compile(r"[/\\](site|dist)-packages[/\\]|[/\\]lib[/\\]python3|^<frozen|[/\\]torch[/\\]|"
                       r"torchinductor_")
@@ -123,7 +131,9 @@ class _Guesser:
 
 def _first_rule(f: Frame) -> int:
     text = f"{f.filename}:{f.name}"
-    return next((i for i, (_, pattern) in enumerate(_PHASE_RULES) if pattern.search(text)), len(_PHASE_RULES))
+    if not any(w in text for w in _RULE_WORDS):
+        return len(_PHASE_RULES)
+    return next((i for i, (_, _, pattern) in enumerate(_PHASE_RULES) if pattern.search(text)), len(_PHASE_RULES))
 
 
 def guess_phase(frames: tuple[Frame, ...] | list[Frame]) -> str:
