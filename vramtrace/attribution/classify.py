@@ -94,10 +94,11 @@ class _Guesser:
 
     def __init__(self, trace: Trace) -> None:
         self.table = trace.stack_table
-        self.rule: list[int] = []       # per frame id: index of the first rule it matches
+        self.rule: dict[int, int] = {}  # per frame id matching a rule: the first rule's index
         self.user: list[bool] = []      # per frame id: user code (not Python's, torch's, generated)
         self.labels: dict[int, str] = {}  # per user frame id: "file.py:line name"
         self.by_key: dict[int, Attribution] = {}
+        self.by_guess: dict[tuple[str, str], Attribution] = {}
 
     def __call__(self, stack: int, before_trace: bool) -> Attribution:
         if stack < 0:
@@ -105,18 +106,25 @@ class _Guesser:
         key = self.table.key(stack)
         a = self.by_key.get(key)
         if a is None:
-            self._learn()
+            if len(self.user) < len(self.table.frames):
+                self._learn()
             ids = self.table.stacks[key]
-            # map/compress walk the ~60 frames in C
-            first_rule = min(map(self.rule.__getitem__, ids), default=len(_PHASE_RULES))
+            # intersection and compress walk the ~60 frames in C; few frames match a rule
+            first_rule = min(map(self.rule.__getitem__, self.rule.keys() & ids), default=len(_PHASE_RULES))
             phase = _PHASE_RULES[first_rule][0] if first_rule < len(_PHASE_RULES) else GUESS_OTHER
-            user = next(compress(ids, map(self.user.__getitem__, ids)), None)
-            a = self.by_key[key] = Attribution(UNKNOWN, self._label(user), phase, "-", True)
+            guess = (self._label(next(compress(ids, map(self.user.__getitem__, ids)), None)), phase)
+            a = self.by_guess.get(guess)
+            if a is None:
+                a = self.by_guess[guess] = Attribution(UNKNOWN, guess[0], phase, "-", True)
+            self.by_key[key] = a
         return a
 
     def _learn(self) -> None:
-        for f in self.table.frames[len(self.rule):]:
-            self.rule.append(_first_rule(f))
+        for fid in range(len(self.user), len(self.table.frames)):
+            f = self.table.frames[fid]
+            rule = _first_rule(f)
+            if rule < len(_PHASE_RULES):
+                self.rule[fid] = rule
             self.user.append(is_python_frame(f) and not _LIBRARY.search(f.filename))
 
     def _label(self, frame_id: int | None) -> str:
