@@ -285,3 +285,20 @@ def test_agrees_with_profiler_and_does_not_change_memory(tmp_path: Path) -> None
     assert abs(ours_free - prof["free"]) <= 0.01 * prof["free"]
     # The tracker does not change the peak it measures.
     assert abs(prof["peak"] - plain["peak"]) <= 0.01 * plain["peak"]
+
+
+def test_compiled_code_runs_and_is_recorded_without_dynamo_tracing_the_tracker(tmp_path: Path) -> None:
+    """The mode switches torch.compile's frame hook off itself (not through torch's wrapper):
+    a compiled function still runs under recording, its output is recorded, and no frame of
+    the tracker was compiled (a compiled tracker frame would report nothing)."""
+    compiled = torch.compile(lambda a: (a * 2).sin() + 1, backend="eager")
+    x = torch.ones(1000)
+    path = tmp_path / "compiled.pkl"
+    with vramtrace.record(path, backend="cpu"):
+        y = compiled(x)
+        z = compiled(y)
+    sizes = [e["size"] for e in allocs(read_raw(path)) if e["frames"]]
+    # each call makes a*2, sin, +1: three 4,000-byte storages, all seen by the tracker
+    assert sizes.count(4000) == 6
+    assert torch.equal(z, ((y * 2).sin() + 1))
+    validate_memviz(path)

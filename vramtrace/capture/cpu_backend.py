@@ -14,11 +14,11 @@ import os
 import time
 import weakref
 from dataclasses import dataclass
-from itertools import compress
 from typing import Any, Iterable
 
 import torch
 from torch._C._profiler import CapturedTraceback, gather_traceback, symbolize_tracebacks
+from torch._ops import OpOverload
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vramtrace.attribution import taxonomy as tx
@@ -56,22 +56,28 @@ class StackResolver:
     one dict object, so the pickle stores each once; every event gets a list of its own."""
 
     def __init__(self, stacks: Iterable[CapturedTraceback | None]) -> None:
-        unique = list({id(tb): tb for tb in stacks if tb is not None}.values())
+        captured = [tb for tb in stacks if tb is not None]
         # Symbolizing imports torch's fx/dynamo machinery on first use in a process (~1 s
         # when the program has not loaded it already); torch's own snapshots pay the same.
-        resolved = symbolize_tracebacks(unique) if unique else []
-        # Decide once per distinct frame dict, then filter each stack with C-level maps: a
-        # Python loop over every frame of every stack cost as much as the rest of the dump.
-        distinct: dict[int, dict] = {}
-        for frames in resolved:
-            distinct.update(zip(map(id, frames), frames))
-        keep = {i: f["filename"] not in _SKIP_FILES and not f["filename"].startswith(_OWN_DIR)
-                for i, f in distinct.items()}
-        self._frames = {id(tb): list(compress(frames, map(keep.__getitem__, map(id, frames))))
-                        for tb, frames in zip(unique, resolved)}
+        resolved = symbolize_tracebacks(captured) if captured else []
+        # symbolize returns one dict per distinct frame, and a training loop repeats a few
+        # hundred distinct stacks: filter each distinct stack once, found by its frames' ids
+        filtered: dict[tuple[int, ...], list[dict]] = {}
+        self._frames: dict[int, list[dict]] = {}
+        for tb, frames in zip(captured, resolved):
+            ids = tuple(map(id, frames))
+            out = filtered.get(ids)
+            if out is None:
+                out = filtered[ids] = [f for f in frames if f["filename"] not in _SKIP_FILES
+                                       and not f["filename"].startswith(_OWN_DIR)]
+            self._frames[id(tb)] = out
 
     def __call__(self, tb: CapturedTraceback | None) -> list[dict]:
         return [] if tb is None else self._frames[id(tb)].copy()
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
 
 
 @dataclass(slots=True, eq=False)
@@ -85,10 +91,6 @@ class AllocRecord:
     free_frames: CapturedTraceback | None = None
     free_phase: str = ""
     free_step: int = -1
-
-
-def _now_us() -> int:
-    return time.time_ns() // 1000
 
 
 _CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
@@ -105,6 +107,18 @@ def _plain_cpu(args: tuple) -> bool:
                     return False
                 found = True
     return found
+
+
+def _no_eval_frame_hook(callback: Any) -> None:
+    """Stand-in where torch has no frame-evaluation hook to switch (then torch's own wrapper
+    keeps torch.compile out of the mode)."""
+    return None
+
+
+try:  # torch.compile's frame-evaluation hook (what torch._dynamo.disable switches off)
+    from torch._C._dynamo.eval_frame import set_eval_frame as _set_eval_frame
+except ImportError:  # pragma: no cover - builds without dynamo
+    _set_eval_frame = _no_eval_frame_hook
 
 
 class _StorageMode(TorchDispatchMode):
@@ -124,9 +138,22 @@ class _StorageMode(TorchDispatchMode):
         self._backend = backend
         self._internals = custom_op_internals
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # TorchDispatchMode wraps a subclass's __torch_dispatch__ in torch._dynamo.disable, whose
+        # Python layers cost ~2.5 us per op (8% of what recording adds to a step); switching
+        # torch.compile's frame hook off around the body (below) does the same directly.
+        return _set_eval_frame is _no_eval_frame_hook
+
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        kwargs = kwargs or {}
-        if (self._internals and isinstance(func, torch._ops.OpOverload)
+        prior = _set_eval_frame(None)
+        try:
+            return self._dispatch(func, args, kwargs or {})
+        finally:
+            _set_eval_frame(prior)
+
+    def _dispatch(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        if (self._internals and isinstance(func, OpOverload)
                 and func.namespace not in ("aten", "prims") and _plain_cpu(args)):
             with self:
                 out = func.redispatch(_CPU_KEYS, *args, **kwargs)
@@ -145,6 +172,16 @@ class _StorageMode(TorchDispatchMode):
         return out
 
 
+class _StorageRef(weakref.ref):
+    """Weak reference to a recorded storage that carries its record: the free callback needs
+    both, and one object per allocation is cheaper than a closure over them. (Attributes are
+    set after construction: a Python ``__init__`` would cost more than the closure.)"""
+
+    __slots__ = ("key", "rec")
+    key: int
+    rec: AllocRecord
+
+
 class CpuBackend:
     """Records storages on the CPU (or any device the dispatch mode sees) with owner tags."""
 
@@ -156,11 +193,14 @@ class CpuBackend:
         self.max_entries = max_entries
         self.ctx = TaggingContext(self)
         self._mode = _StorageMode(self, custom_op_internals)
-        # storage key -> (record, weak reference whose callback reports the free); dropping the
-        # entry drops the reference, and with it the callback
-        self._live: dict[int, tuple[AllocRecord, weakref.ref]] = {}
+        # storage key -> weak reference to the storage whose callback reports the free; dropping
+        # the entry drops the reference, and with it the callback
+        self._live: dict[int, _StorageRef] = {}
         self._preexisting: list[AllocRecord] = []
-        self._events: list[tuple[bool, AllocRecord]] = []   # (is_alloc, record), in order
+        # allocs and frees in order: the record, and 1 (alloc) or 0 (free) in the byte array
+        # (one list append per event, no tuple: fewer objects for the program's GC to scan)
+        self._events: list[AllocRecord] = []
+        self._is_alloc = bytearray()
         self._start_us = 0
         self._backward_entry = BackwardEntry()
         self.active = False
@@ -197,31 +237,33 @@ class CpuBackend:
         size = st.nbytes()
         hit = self._live.get(st._cdata)
         if hit is not None:
-            if hit[0].size == size:
+            if hit.rec.size == size:
                 return
-            self._on_free(st._cdata, hit[0])   # resized in place: old block freed, new one made
+            self._on_free(hit)   # resized in place: old block freed, new one made
         if size == 0:
             return
         rec = AllocRecord(size, _now_us(), capture_stack() if self.stacks else None,
                           self.ctx.tag_for(t, func, args))
         self._track(st, rec)
-        self._events.append((True, rec))
+        self._events.append(rec)
+        self._is_alloc.append(1)
 
     def _track(self, st: torch.UntypedStorage, rec: AllocRecord) -> None:
-        key = st._cdata
-        on_free = self._on_free
-        self._live[key] = (rec, weakref.ref(st, lambda _ref: on_free(key, rec)))
+        ref = _StorageRef(st, self._on_free)
+        ref.key, ref.rec = st._cdata, rec
+        self._live[ref.key] = ref
 
-    def _on_free(self, key: int, rec: AllocRecord) -> None:
-        hit = self._live.get(key)
-        if hit is None or hit[0] is not rec:
+    def _on_free(self, ref: "_StorageRef") -> None:
+        if self._live.get(ref.key) is not ref:
             return
-        del self._live[key]
+        del self._live[ref.key]
+        rec = ref.rec
         rec.free_time_us = _now_us()
         rec.free_frames = capture_stack() if self.stacks else None
         rec.free_phase = self.ctx.phase
         rec.free_step = self.ctx.step
-        self._events.append((False, rec))
+        self._events.append(rec)
+        self._is_alloc.append(0)
 
     # -- TagListener ----------------------------------------------------------------------------
     def retag(self, tensor: torch.Tensor, tag: Tag) -> None:
@@ -246,7 +288,7 @@ class CpuBackend:
             self._track(st, rec)
             self._preexisting.append(rec)
             return
-        cur = hit[0].tag
+        cur = hit.rec.tag
         if tag.owner == tx.INPUT and cur.phase != "setup":
             return  # only tensors made outside the model's forward are inputs (not logits fed to a loss)
         if OWNER_PRIORITY[tag.owner] < OWNER_PRIORITY[cur.owner]:
@@ -262,7 +304,8 @@ class CpuBackend:
         to stamp on CPU, tags are made per storage."""
         kept = self._backward_entry.kept_phase(ctx.phase)
         if kept is not None:
-            for rec, _ in list(self._live.values()):
+            for ref in list(self._live.values()):
+                rec = ref.rec
                 rec.tag.owner = owner_when_kept(rec.tag.owner, rec.tag.phase, kept)
 
     # -- output ---------------------------------------------------------------------------------
@@ -271,7 +314,8 @@ class CpuBackend:
         if self.active:
             self.ctx.sweep()
         model = allocator.CachingAllocatorModel(allocator.AllocatorSettings(), device=0)
-        records = [(True, r) for r in self._preexisting] + self._events
+        records = list(zip(b"\1" * len(self._preexisting) + self._is_alloc,
+                           self._preexisting + self._events))
         frames = StackResolver(r.frames if is_alloc else r.free_frames for is_alloc, r in records)
         addr: dict[int, int] = {}
         metas: dict[tuple, str] = {}   # the same tag fields give the same JSON

@@ -38,6 +38,8 @@ OWNER_PRIORITY: dict[str, int] = {
     tx.AUTOCAST: 50, tx.INPUT: 40, tx.ACTIVATION: 30, tx.TEMPORARY: 10, tx.UNKNOWN: 0,
 }
 
+_TO_COPY = torch.ops.aten._to_copy.default   # the op autocast casts a weight with
+
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
                 torch.float64: "fp64", torch.int8: "int8", torch.uint8: "uint8"}
 
@@ -159,6 +161,7 @@ class TaggingContext:
         self._handles: list[Any] = []
         self._param_handles: dict[int, Any] = {}
         self._params: dict[int, tuple[weakref.ref, str]] = {}  # id -> (weakref, name)
+        self._swept: dict[int, tuple[weakref.ref, str]] = {}   # id -> (weakref, owner given)
         self._saved_hooks: Any = None
         self._optimizer_depth = 0
         self._backward_module = ""
@@ -214,8 +217,10 @@ class TaggingContext:
         later roles arrive as re-tags.
         """
         tag = Tag(tx.TEMPORARY, *self._where(), self.step, dtype_name(tensor.dtype), tuple(tensor.shape))
+        if func is not _TO_COPY:
+            return tag
         st = self._stack()
-        if (func is torch.ops.aten._to_copy.default and st and st[-1][1] and args
+        if (st and st[-1][1] and args
                 and isinstance(args[0], torch.Tensor)):
             param = self.param_name(args[0])
             if param:
@@ -249,6 +254,7 @@ class TaggingContext:
         for h in self._param_handles.values():
             h.remove()
         self._param_handles = {}
+        self._swept.clear()
         if self._saved_hooks is not None:
             self._saved_hooks.__exit__(None, None, None)
             self._saved_hooks = None
@@ -379,15 +385,32 @@ class TaggingContext:
         for group in opt.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    self._listener.retag(p.grad, self._role(p.grad, tx.GRADIENT, self.param_name(p)))
+                    self._retag_once(p.grad, tx.GRADIENT, self.param_name(p))
         for p, st in list(opt.state.items()):
             name = self.param_name(p) if isinstance(p, torch.Tensor) else ""
             for t in _tensors_in(st):
-                self._listener.retag(t, self._role(t, tx.OPTIMIZER, name))
+                self._retag_once(t, tx.OPTIMIZER, name)
         for attr, v in vars(opt).items():  # e.g. bitsandbytes' name2qmap quantization maps
             if attr not in ("state", "param_groups", "defaults"):
                 for t in _tensors_in(v):
-                    self._listener.retag(t, self._role(t, tx.OPTIMIZER, ""))
+                    self._retag_once(t, tx.OPTIMIZER, "")
+
+    def _retag_once(self, t: torch.Tensor, owner: str, param: str) -> None:
+        """Re-tag ``t`` unless this very tensor object was already given ``owner``.
+
+        Optimizer sweeps run twice a step over the same state tensors; a re-tag builds a tag and
+        looks up the storage, an identity check does neither. Entries leave with their tensor."""
+        key = id(t)
+        hit = self._swept.get(key)
+        if hit is not None and hit[1] == owner and hit[0]() is t:
+            return
+        swept = self._swept
+
+        def forget(ref: weakref.ref) -> None:
+            if swept.get(key, (None,))[0] is ref:
+                del swept[key]
+        swept[key] = (weakref.ref(t, forget), owner)
+        self._listener.retag(t, self._role(t, owner, param))
 
     def sweep(self) -> None:
         """Re-tag everything known (called before a dump so late roles are not missed)."""

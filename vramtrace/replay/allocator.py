@@ -655,7 +655,8 @@ class CachingAllocatorModel:
     def _free_context(b: _Block, fields: dict) -> dict:
         """Like PyTorch, a free without its own context reports the allocation's (its stack,
         metadata), but never the allocation's timestamp."""
-        ctx = {k: v for k, v in (b.fields or {}).items() if k != "time_us"}
+        ctx = dict(b.fields) if b.fields else {}
+        ctx.pop("time_us", None)
         ctx.update(fields)
         return ctx
 
