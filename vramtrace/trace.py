@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from enum import IntEnum
 from functools import cached_property
+from itertools import chain, compress
 from typing import Any, Callable, NamedTuple
 
 import numpy as np
@@ -175,15 +176,28 @@ def _item(key: str) -> Callable[[dict], Any]:
     return operator.itemgetter(key)
 
 
-def _int_column(events: list[dict], key: str, default: Any, n: int,
+def _int_column(rows: list[dict], key: str, default: Any, n: int,
                 fallback: Callable[[dict], Any] | None = None) -> np.ndarray:
-    """One integer field of every event: itemgetter when every event has the key (2x faster
-    than dict.get), else the per-event fallback. Text raises; floats are truncated."""
+    """One integer field of every row (event, segment, block): itemgetter when every row has
+    the key (2x faster than dict.get), else the per-row fallback. Text raises; floats are
+    truncated."""
     try:
-        return np.fromiter(map(operator.itemgetter(key), events), np.int64, n)
+        return np.fromiter(map(operator.itemgetter(key), rows), np.int64, n)
     except KeyError:
         getter = fallback or _get(key, default)
-        return np.fromiter(map(getter, events), np.int64, n)
+        return np.fromiter(map(getter, rows), np.int64, n)
+
+
+def _field(rows: list[dict], key: str, default: Any = None) -> list:
+    """One field of every row: itemgetter when every row has the key (4x faster than
+    dict.get), else dict.get with the default."""
+    try:
+        return list(map(operator.itemgetter(key), rows))
+    except KeyError:
+        return list(map(_get(key, default), rows))
+
+
+_TAG_KEYS = frozenset(("category", "user_metadata", "compile_context"))
 
 
 def load_trace(path: str | os.PathLike,
@@ -312,7 +326,7 @@ class _TraceBuilder:
         except (KeyError, TypeError, ValueError, OverflowError, AttributeError):
             self._find_bad_event(device, events)
             raise SnapshotError(f"device {device}: malformed event") from None
-        frames = list(map(_get("frames"), events))
+        frames = _field(events, "frames")
         has_stack = np.fromiter(map(bool, frames), bool, n)
         first = self.stack_table.extend(frames)
         stack = np.where(has_stack, np.arange(first, first + n, dtype=np.int32), -1).astype(np.int32)
@@ -326,9 +340,13 @@ class _TraceBuilder:
             check_event(device, k, e)
 
     def _tag_column(self, events: list[dict]) -> np.ndarray:
-        categories = list(map(_get("category"), events))
-        metas = list(map(_get("user_metadata"), events))
-        contexts = list(map(_get("compile_context"), events))
+        # one C-level walk over the events' keys, stopping at the first tag key, settles
+        # untagged files (plain _dump_snapshot), where reading three fields per event cost 3x more
+        if _TAG_KEYS.isdisjoint(chain.from_iterable(events)):
+            return np.full(len(events), -1, np.int32)
+        categories = _field(events, "category")
+        metas = _field(events, "user_metadata")
+        contexts = _field(events, "compile_context")
         if not any(categories) and not any(metas) and set(contexts) <= {None, "", "N/A"}:
             return np.full(len(events), -1, np.int32)
         ids = [self._tag(*key) for key in zip(categories, metas, contexts)]
@@ -349,20 +367,29 @@ class _TraceBuilder:
         return tid
 
     def _final_state(self, segments: list[dict]) -> tuple[SegmentTable, BlockTable]:
-        seg_rows, block_rows = [], []
-        for i, seg in enumerate(segments):
-            blocks = seg["blocks"]
-            seg_rows.append((seg.get("device", 0), seg["address"], seg["total_size"],
-                             seg.get("stream", 0), seg.get("segment_type", "large") == "large",
-                             bool(seg.get("is_expandable", False)), len(block_rows), len(blocks)))
-            for b in blocks:
-                frames = b.get("frames")
-                block_rows.append((i, b["address"], b["size"], b.get("requested_size", 0),
-                                   STATE_CODES[b["state"]], self.stack_table.add(frames) if frames else -1))
-        seg_cols = list(zip(*seg_rows)) if seg_rows else [()] * 8
-        blk_cols = list(zip(*block_rows)) if block_rows else [()] * 6
-        segs = SegmentTable(*[np.array(c, dtype=t) for c, t in zip(
-            seg_cols, (np.int16, np.int64, np.int64, np.int64, bool, bool, np.int64, np.int64))])
-        blks = BlockTable(*[np.array(c, dtype=t) for c, t in zip(
-            blk_cols, (np.int64, np.int64, np.int64, np.int64, np.int8, np.int32))])
+        """Columns of the final segments and blocks, read field by field with C-level map."""
+        per_segment = list(map(_item("blocks"), segments))
+        n_blocks = np.fromiter(map(len, per_segment), np.int64, len(segments))
+        blocks = list(chain.from_iterable(per_segment))
+        n_segs, n_blks = len(segments), len(blocks)
+        segs = SegmentTable(
+            device=_int_column(segments, "device", 0, n_segs).astype(np.int16),
+            address=_int_column(segments, "address", None, n_segs),
+            total_size=_int_column(segments, "total_size", None, n_segs),
+            stream=_int_column(segments, "stream", 0, n_segs),
+            is_large=np.array([t == "large" for t in _field(segments, "segment_type", "large")], bool),
+            is_expandable=np.fromiter(map(bool, _field(segments, "is_expandable")), bool, n_segs),
+            first_block=np.cumsum(n_blocks) - n_blocks, n_blocks=n_blocks)
+        frames = _field(blocks, "frames")
+        has_stack = np.fromiter(map(bool, frames), bool, n_blks)
+        stack = np.full(n_blks, -1, np.int32)
+        first = self.stack_table.extend(list(compress(frames, has_stack)))
+        stack[has_stack] = np.arange(first, len(self.stack_table), dtype=np.int32)
+        blks = BlockTable(
+            segment=np.repeat(np.arange(n_segs, dtype=np.int64), n_blocks),
+            address=_int_column(blocks, "address", None, n_blks),
+            size=_int_column(blocks, "size", None, n_blks),
+            requested_size=_int_column(blocks, "requested_size", 0, n_blks),
+            state=np.fromiter(map(STATE_CODES.__getitem__, map(_item("state"), blocks)), np.int8, n_blks),
+            stack=stack)
         return segs, blks
