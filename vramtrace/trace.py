@@ -207,6 +207,9 @@ def load_trace(path: str | os.PathLike,
     return Trace.from_snapshot(snap, str(path))
 
 
+_FRAME_FIELDS = operator.itemgetter("name", "filename", "line")
+
+
 class StackTable:
     """Stacks as the file holds them, interned into frames only when an analysis asks.
 
@@ -271,7 +274,7 @@ class StackTable:
 
     def _intern_frame(self, f: Any) -> int:
         try:
-            key = (f["name"], f["filename"], f["line"])
+            key = _FRAME_FIELDS(f)
         except (TypeError, KeyError):
             raise SnapshotError("a stack frame lacks name/filename/line") from None
         fid = self._frame_ids.get(key)
