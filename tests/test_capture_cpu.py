@@ -302,3 +302,15 @@ def test_compiled_code_runs_and_is_recorded_without_dynamo_tracing_the_tracker(t
     assert sizes.count(4000) == 6
     assert torch.equal(z, ((y * 2).sin() + 1))
     validate_memviz(path)
+
+
+@pytest.mark.parametrize("tag", [
+    Tag(),
+    Tag(tx.WEIGHT, 'A.b"c\\d\u00e9\n', "forward", 3, "fp32", (2, 3, 4), "p.q"),
+    Tag(tx.ACTIVATION, "m", "recompute", 12345, "bf16", (7,), "\U0001f600"),
+])
+def test_tag_json_is_what_json_dumps_writes(tag: Tag) -> None:
+    """Tags are formatted by hand for speed; the text must be json.dumps' compact form."""
+    fields = {"owner": tag.owner, "module": tag.module, "phase": tag.phase, "step": tag.step,
+              "dtype": tag.dtype, "shape": list(tag.shape), "param": tag.param}
+    assert tag.to_json() == json.dumps(fields, separators=(",", ":"))

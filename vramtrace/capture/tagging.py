@@ -46,11 +46,16 @@ _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 
 def dtype_name(dtype: torch.dtype) -> str:
     """Short dtype label used in tags (reports split ``weight`` by it: int8, uint8 4-bit, fp16...)."""
-    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    name = _DTYPE_NAMES.get(dtype)   # not .get(dtype, str(...)): the default is built every call
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
+    return name
 
 
-# json.dumps(..., separators=...) builds a new encoder per call; this is the same encoder, made once.
-_COMPACT = json.JSONEncoder(separators=(",", ":"))
+# The compact JSON json.dumps(..., separators=(",", ":")) writes for a Tag, formatted directly:
+# the encoder walks a dict per call, and a recording encodes one tag per distinct allocation.
+_TAG_JSON = '{"owner":%s,"module":%s,"phase":%s,"step":%d,"dtype":%s,"shape":[%s],"param":%s}'
+_quote = json.encoder.encode_basestring_ascii
 
 
 @dataclass(slots=True)
@@ -66,9 +71,8 @@ class Tag:
 
     def to_json(self) -> str:
         """Compact JSON for ``user_metadata``; plain types only so the snapshot stays viewer-safe."""
-        return _COMPACT.encode({"owner": self.owner, "module": self.module, "phase": self.phase,
-                                "step": self.step, "dtype": self.dtype, "shape": list(self.shape),
-                                "param": self.param})
+        return _TAG_JSON % (_quote(self.owner), _quote(self.module), _quote(self.phase), self.step,
+                            _quote(self.dtype), ",".join(map(str, self.shape)), _quote(self.param))
 
 
 class TagListener(Protocol):

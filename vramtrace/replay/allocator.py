@@ -37,6 +37,7 @@ The rules follow the C++ source, not its comments:
 from __future__ import annotations
 
 import bisect
+import functools
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -177,7 +178,7 @@ class AllocatorSettings:
             "large_segment_size": self.large_segment_size,
         }
 
-    @property
+    @functools.cached_property   # read twice per modelled alloc
     def split_limit(self) -> int:
         """max_split_size as a number (PyTorch's SIZE_MAX when unset)."""
         return (1 << 64) - 1 if self.max_split_size is None else self.max_split_size
