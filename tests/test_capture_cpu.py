@@ -16,6 +16,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from conftest import REPO, validate_memviz  # noqa: E402
+from profiler_memory import profiled_memory  # noqa: E402
 
 import vramtrace  # noqa: E402
 from vramtrace.attribution import taxonomy as tx  # noqa: E402
@@ -248,21 +249,6 @@ def test_context_knows_backward_on_another_thread() -> None:
 
 
 # ---- agreement with torch.profiler ------------------------------------------------------------
-def _profiled(fn) -> dict:
-    """Alloc/free byte totals and peak above the start, from the profiler's raw memory events."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    mem = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                 key=lambda e: e.start_ns())
-    cur = peak = 0
-    for e in mem:
-        cur += e.nbytes()
-        peak = max(peak, cur)
-    return {"alloc": sum(e.nbytes() for e in mem if e.nbytes() > 0),
-            "free": -sum(e.nbytes() for e in mem if e.nbytes() < 0), "peak": peak}
-
-
 def test_agrees_with_profiler_and_does_not_change_memory(tmp_path: Path) -> None:
     m, opt, x = tiny_llama()
     step(m, opt, x)                     # optimizer state exists: the profiled steps are alike
@@ -272,8 +258,8 @@ def test_agrees_with_profiler_and_does_not_change_memory(tmp_path: Path) -> None
         with vramtrace.record(path, backend="cpu"):
             step(m, opt, x)
 
-    plain = _profiled(lambda: step(m, opt, x))
-    prof = _profiled(recorded_step)
+    plain = profiled_memory(lambda: step(m, opt, x))
+    prof = profiled_memory(recorded_step)
     trace = read_raw(path)["device_traces"][0]
     # Allocations made during the step have stacks; pre-existing ones (weights, state) do not.
     ours_alloc = sum(e["size"] for e in trace if e["action"] == "alloc" and e["frames"])
@@ -281,10 +267,10 @@ def test_agrees_with_profiler_and_does_not_change_memory(tmp_path: Path) -> None
     print("profiler", prof, "plain", plain, "ours", ours_alloc, ours_free)
     # Same step, same process: the tracker sees every tensor storage the profiler sees except
     # kernel-internal scratch buffers that never become an op output.
-    assert abs(ours_alloc - prof["alloc"]) <= 0.01 * prof["alloc"]
-    assert abs(ours_free - prof["free"]) <= 0.01 * prof["free"]
+    assert abs(ours_alloc - prof.alloc) <= 0.01 * prof.alloc
+    assert abs(ours_free - prof.free) <= 0.01 * prof.free
     # The tracker does not change the peak it measures.
-    assert abs(prof["peak"] - plain["peak"]) <= 0.01 * plain["peak"]
+    assert abs(prof.peak - plain.peak) <= 0.01 * plain.peak
 
 
 def test_compiled_code_runs_and_is_recorded_without_dynamo_tracing_the_tracker(tmp_path: Path) -> None:
