@@ -228,6 +228,49 @@ class _Listener:
         pass
 
 
+class _StampingListener(_Listener):
+    """Keeps, per thread, the last context string: what the CUDA backend stamps as the
+    allocator's thread-local metadata."""
+
+    def __init__(self) -> None:
+        self.stamps: dict[int, dict] = {}
+
+    def context_changed(self, ctx: TaggingContext) -> None:
+        self.stamps[threading.get_ident()] = json.loads(ctx.context_json())
+
+
+@pytest.mark.parametrize("run", ["backward", "autograd.grad"])
+def test_backward_of_a_loss_outside_modules_is_stamped_backward(run: str) -> None:
+    """The first backward ops belong to a loss computed outside any module; the engine's thread
+    must carry a backward stamp before them, not the forward's (nor a previous step's module)."""
+    seen: list[dict | None] = []
+
+    class Loss(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, y):
+            ctx.shape = y.shape
+            return y.sum()
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(listener.stamps.get(threading.get_ident()))
+            return g.expand(ctx.shape)
+
+    listener = _StampingListener()
+    engine = torch.autograd._engine_run_backward
+    with tagging_hooks(listener):
+        seq = torch.nn.Sequential(torch.nn.Linear(4, 4))
+        x = torch.randn(2, 4)
+        for _ in range(2):                      # the second step starts after a module's backward
+            loss = Loss.apply(seq(x))
+            if run == "backward":
+                loss.backward()
+            else:
+                torch.autograd.grad(loss, list(seq.parameters()))
+    assert [(s["phase"], s["module"]) for s in seen] == [("backward", "")] * 2
+    assert torch.autograd._engine_run_backward is engine     # put back on uninstall
+
+
 def test_context_knows_backward_on_another_thread() -> None:
     """The autograd engine runs CUDA backward on its own threads: phase and module must come
     from the graph task and backward hooks, not from thread-locals set during forward."""

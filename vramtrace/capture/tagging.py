@@ -153,6 +153,40 @@ def tagging_hooks(listener: TagListener) -> Iterator["TaggingContext"]:
         ctx.uninstall()
 
 
+class _BackwardStartHook:
+    """Calls ``starts()`` before each backward pass (``backward()``, ``autograd.grad``) and
+    registers ``started`` as a pre-hook of its roots' nodes, which the engine runs first, on the
+    thread that runs the pass. torch has no global hook for either, so this wraps the one
+    function every pass goes through; ``remove()`` puts it back (like a hook handle), or, if
+    something wrapped it since, leaves a pass-through."""
+
+    def __init__(self, starts: Any, started: Any) -> None:
+        self._starts, self._started = starts, started
+        self._original = getattr(torch.autograd, "_engine_run_backward", None)
+        self._active = self._original is not None   # without it, module hooks stamp backward alone
+        if self._active:
+            torch.autograd._engine_run_backward = self._run_backward
+
+    def _run_backward(self, t_outputs: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self._active:
+            return self._original(t_outputs, *args, **kwargs)
+        self._starts()
+        roots = {id(t.grad_fn): t.grad_fn for t in t_outputs if getattr(t, "grad_fn", None) is not None}
+        handles = [fn.register_prehook(self._started) for fn in roots.values()]
+        try:
+            return self._original(t_outputs, *args, **kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def remove(self) -> None:
+        if not self._active:
+            return
+        self._active = False
+        if torch.autograd._engine_run_backward == self._run_backward:
+            torch.autograd._engine_run_backward = self._original
+
+
 class TaggingContext:
     """Tracks module path, phase and optimizer step, and turns them into allocation tags."""
 
@@ -246,6 +280,7 @@ class TaggingContext:
             _nn_module.register_module_forward_hook(self._fwd_post, always_call=True),
             _optim_mod.register_optimizer_step_pre_hook(self._opt_pre),
             _optim_mod.register_optimizer_step_post_hook(self._opt_post),
+            _BackwardStartHook(self._backward_starts, self._backward_started),
         ]
         self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._saved_hooks.__enter__()
@@ -309,6 +344,15 @@ class TaggingContext:
                 if fn is not None:
                     fn.register_prehook(self._backward_prehook(name))
                     break
+        self._listener.context_changed(self)
+
+    def _backward_starts(self) -> None:
+        """A backward pass is about to run: no module's gradients run yet."""
+        self._backward_module = ""
+
+    def _backward_started(self, grad_outputs: Any) -> None:
+        """First on the autograd thread: the CUDA allocator's metadata is per thread, and the
+        loss's own backward (a loss computed outside any module) runs before any module's hook."""
         self._listener.context_changed(self)
 
     def _backward_prehook(self, name: str) -> Any:
