@@ -21,7 +21,7 @@ import torch
 from conftest import REPO, validate_memviz
 from vramtrace.capture import recorder
 from vramtrace.capture.bootstrap import Settings, is_launcher_process
-from vramtrace.capture.cuda_backend import CudaBackend, _Retag, finalize
+from vramtrace.capture.cuda_backend import _Retag, finalize
 from vramtrace.capture.launcher import LaunchError, parse_steps, script_name
 from vramtrace.capture.nvml import NvmlSampler
 from vramtrace.trace import load_trace

@@ -11,10 +11,13 @@ import contextlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # core imports this module
+    from vramtrace.simulate.core import SimulationResult
 
 BUILTIN_CONFIGS: dict[str, dict[str, Any]] = {
     # meta-llama/Llama-2-7b-hf config.json
@@ -298,7 +301,7 @@ def training_step(recipe: Recipe, vocab_size: int) -> Callable[[nn.Module, torch
     return step
 
 
-def simulate_recipe(recipe: Recipe, *, fake: bool = True, stacks: bool = False) -> "SimulationResult":
+def simulate_recipe(recipe: Recipe, *, fake: bool = True, stacks: bool = False) -> SimulationResult:
     """Simulate (or, with ``fake=False``, really run on CPU) ``recipe.steps`` training steps."""
     from vramtrace.simulate.core import paused, simulate_step
     vocab = load_config(recipe.model).vocab_size
