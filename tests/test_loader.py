@@ -1,6 +1,7 @@
 """Every snapshot era loads into the same Trace, with figures known by construction."""
 from __future__ import annotations
 
+import gc
 import json
 import pickle
 
@@ -119,3 +120,21 @@ def test_normalised_snapshot_keeps_every_key(tmp_path):
     snap = load_snapshot(write(tmp_path, S.torch214()))
     assert {"segments", "device_traces", "allocator_settings", "external_annotations",
             "host_segments", "host_traces"} <= set(snap)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_loading_leaves_the_garbage_collector_as_it_was(tmp_path, enabled) -> None:
+    """The loader pauses the cyclic GC while it builds objects; on success and on bad input the
+    program's setting comes back."""
+    good = write(tmp_path, S.modern())
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(pickle.dumps(S.modern(), protocol=4)[:-20])
+    (gc.enable if enabled else gc.disable)()
+    try:
+        load_trace(good)
+        assert gc.isenabled() is enabled
+        with pytest.raises(Exception):
+            load_trace(bad)
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable()

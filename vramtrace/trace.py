@@ -19,7 +19,7 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from vramtrace.snapshot.load import SnapshotError, check_event, load_snapshot
+from vramtrace.snapshot.load import SnapshotError, check_event, gc_paused, load_snapshot
 
 
 class Action(IntEnum):
@@ -204,7 +204,8 @@ def load_trace(path: str | os.PathLike,
                progress: Callable[[int, int], None] | None = None) -> Trace:
     """Load a snapshot file of any era into a Trace (raises SnapshotError on bad input)."""
     snap = load_snapshot(path, progress)
-    return Trace.from_snapshot(snap, str(path))
+    with gc_paused():
+        return Trace.from_snapshot(snap, str(path))
 
 
 _FRAME_FIELDS = operator.itemgetter("name", "filename", "line")
