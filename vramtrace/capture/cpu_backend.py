@@ -25,8 +25,7 @@ from vramtrace.attribution import taxonomy as tx
 from vramtrace.capture.lifetimes import BackwardEntry, final_owner, owner_when_kept
 from vramtrace.capture.tagging import OWNER_PRIORITY, Tag, TaggingContext
 from vramtrace.replay import allocator
-
-FrameKey = tuple[str, str, int]
+from vramtrace.snapshot.load import gc_paused
 
 _OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # vramtrace/
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
@@ -313,6 +312,10 @@ class CpuBackend:
         """PyTorch-format snapshot of everything recorded so far, final owners on each event."""
         if self.active:
             self.ctx.sweep()
+        with gc_paused():   # a dict per event, none garbage (see gc_paused)
+            return self._build_snapshot()
+
+    def _build_snapshot(self) -> dict:
         model = allocator.CachingAllocatorModel(allocator.AllocatorSettings(), device=0)
         records = list(zip(b"\1" * len(self._preexisting) + self._is_alloc,
                            self._preexisting + self._events))

@@ -44,9 +44,10 @@ class _NoGlobalsUnpickler(pickle.Unpickler):
 def gc_paused() -> Iterator[None]:
     """The cyclic garbage collector off for the block (as it was after).
 
-    Reading a snapshot builds hundreds of thousands of dicts and lists, none garbage; each 700
-    new containers trigger a collection and the older generations get rescanned as the heap
-    grows: on a 1,000,000-event file that is over half of pickle.load's time."""
+    Reading or building a snapshot makes hundreds of thousands of dicts and lists, none of
+    them garbage; each 700 new containers trigger a collection and the older generations get
+    rescanned as the heap grows: on a 1,000,000-event file that is over half of pickle.load's
+    time."""
     was_enabled = gc.isenabled()
     gc.disable()
     try:
