@@ -78,6 +78,18 @@ def test_file_is_viewer_safe_and_loads_in_memory_viz(recorded) -> None:
     assert segs and all(sum(b["size"] for b in s["blocks"]) == s["total_size"] for s in segs)
 
 
+def test_file_says_it_was_recorded_by_the_cpu_shadow(recorded) -> None:
+    """Addresses and segments of a CPU recording are the allocator model's: reports say so."""
+    from vramtrace.attribution.breakdown import build_report
+    from vramtrace.render.report_markdown import render_markdown
+    from vramtrace.trace import load_trace
+    path, snap = recorded
+    assert snap["vramtrace_backend"] == "cpu"
+    report = build_report(load_trace(path))
+    assert report["recorded_by"] == "cpu"
+    assert "Recorded by vramtrace's CPU shadow allocator." in render_markdown(report)
+
+
 def test_every_alloc_carries_owner_and_metadata(recorded) -> None:
     _, snap = recorded
     owners = set()

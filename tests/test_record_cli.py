@@ -356,6 +356,7 @@ def test_cuda_recording_end_to_end(tmp_path):
     assert "unknown" in cats and {"weight", "optimizer", "gradient"} & cats
     assert len(cats) <= 10
     assert snap["vramtrace_nvml"] and {"time_us", "device", "used", "total"} <= set(snap["vramtrace_nvml"][0])
+    assert snap["vramtrace_backend"] == "cuda"
     assert all(json.loads(e["user_metadata"])["owner"] for e in events if e["action"] == "alloc")
 
 

@@ -30,10 +30,22 @@ def test_json_report_figures(tagged_file):
     report = json.loads(result.stdout)
     dev = report["devices"][0]
     assert report["schema"] == 1
+    assert report["recorded_by"] is None         # not a file vramtrace wrote
     assert dev["peak_allocated"] == {"bytes": S.MODERN_PEAK_ALLOCATED, "index": 2, "time_us": 1002}
     assert dev["end"] == {"allocated": 1024, "requested": 1000, "reserved": 2 * S.MIB, "segments": 1}
     assert dev["state"]["fragmentation"] == {"internal": 5120 - 5000, "external": 2 * S.MIB - 5120}
     assert [(r["name"], r["bytes"]) for r in dev["by_owner_dtype"]] == [("activation bf16", 4096), ("weight int8", 1024)]
+
+
+@pytest.mark.parametrize("value, said", [("cpu", "cpu"), (["cpu"], None), ("gpu", None), ({}, None)])
+def test_recorded_by_is_read_only_when_it_names_a_recorder(tmp_path, value, said):
+    snap = S.tagged()
+    snap["vramtrace_backend"] = value
+    path = tmp_path / "by.pkl"
+    path.write_bytes(pickle.dumps(snap, protocol=4))
+    result = run("report", path, "--format", "json")
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)["recorded_by"] == said
 
 
 def test_at_end_and_at_index(tagged_file):

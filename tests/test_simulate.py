@@ -145,6 +145,7 @@ def test_cli_writes_viewer_safe_snapshot_and_json(tmp_path: Path) -> None:
     assert raw[:2] == b"\x80\x04"
     from vramtrace.snapshot.load import load_snapshot
     snap = load_snapshot(out)
+    assert snap["vramtrace_backend"] == "simulate"
     from torch.cuda import _memory_viz as mv
     assert mv.segsum(snap) and mv.trace(snap)
     validator = SHARED / "tools" / "validate_memviz.py"

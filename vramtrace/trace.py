@@ -20,6 +20,7 @@ from typing import Any, Callable, NamedTuple
 import numpy as np
 
 from vramtrace.snapshot.load import SnapshotError, check_event, gc_paused, load_snapshot
+from vramtrace.snapshot.save import RECORDED_BY, RECORDERS
 
 
 class Action(IntEnum):
@@ -162,6 +163,12 @@ class Trace:
     @property
     def has_tags(self) -> bool:
         return any(t.owner for t in self.tags)
+
+    @property
+    def recorded_by(self) -> str | None:
+        """What recorded the file, for files vramtrace wrote ("cuda", "cpu", "simulate")."""
+        value = self.extras.get(RECORDED_BY)
+        return value if isinstance(value, str) and value in RECORDERS else None
 
 
 def _get(key: str, default: Any = None) -> Callable[[dict], Any]:

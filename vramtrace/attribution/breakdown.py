@@ -37,6 +37,7 @@ def build_report(trace: Trace, at: str | int = "peak", devices: Iterable[int] | 
         "vramtrace": __version__,
         "file": trace.path,
         "n_devices": trace.n_devices,
+        "recorded_by": trace.recorded_by,
         "allocator_settings": _plain(trace.settings),
         "devices": [device_report(trace, build_timeline(trace, d), at) for d in devices],
     }

@@ -26,6 +26,7 @@ from vramtrace.capture.lifetimes import BackwardEntry, final_owner, owner_when_k
 from vramtrace.capture.tagging import OWNER_PRIORITY, Tag, TaggingContext
 from vramtrace.replay import allocator
 from vramtrace.snapshot.load import gc_paused
+from vramtrace.snapshot.save import RECORDED_BY
 
 _OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # vramtrace/
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
@@ -337,6 +338,7 @@ class CpuBackend:
                 if a is not None:
                     model.free(a, frames=frames(rec.free_frames), time_us=rec.free_time_us)
         snap = model.snapshot()
+        snap[RECORDED_BY] = self.name
         trace = snap["device_traces"][0]
         if self.max_entries is not None and len(trace) > self.max_entries:
             del trace[:len(trace) - self.max_entries]

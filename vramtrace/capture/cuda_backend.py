@@ -34,6 +34,7 @@ from vramtrace.capture.lifetimes import BackwardEntry, final_owner, owner_when_k
 from vramtrace.capture.nvml import NvmlSampler
 from vramtrace.capture.recorder import DEFAULT_MAX_ENTRIES
 from vramtrace.capture.tagging import OWNER_PRIORITY, Tag, TaggingContext, set_cuda_memory_metadata
+from vramtrace.snapshot.save import RECORDED_BY
 
 STACKS = ("python", "all")
 _FREES = ("free_requested", "free_completed")
@@ -150,6 +151,7 @@ class CudaBackend:
         self._nvml.sample()
         snap = finalize(torch.cuda.memory._snapshot(), list(self._retags))
         snap["vramtrace_nvml"] = self._nvml.samples()
+        snap[RECORDED_BY] = self.name
         return snap
 
     def stop(self) -> None:

@@ -28,6 +28,7 @@ from vramtrace.render.flame_svg import group_color
 from vramtrace.render.report_text import BREAKDOWNS
 from vramtrace.render.units import fmt_bytes, fmt_seconds, fmt_share, fmt_signed_bytes
 from vramtrace.replay.timeline import DeviceTimeline
+from vramtrace.snapshot.save import RECORDERS
 from vramtrace.trace import Action, Trace
 
 MAX_POINTS = 600
@@ -108,6 +109,8 @@ def _summary(trace: Trace, dev: dict) -> str:
         ("out of memory", f"{len(dev['oom_events'])} event(s)" if dev["oom_events"] else "none"),
         ("attribution", dev["attribution"]),
     ]
+    if trace.recorded_by:
+        rows.insert(1, ("recorded by", RECORDERS[trace.recorded_by]))
     if dev["trace_starts_mid_run"]:
         rows.append(("note", "the trace starts mid-run: blocks made before its first event come from the final state"))
     body = "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in rows)

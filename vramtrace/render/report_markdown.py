@@ -1,12 +1,14 @@
 """`vramtrace report --format md`: the same content as Markdown tables, for issues and docs."""
 from __future__ import annotations
 
-from vramtrace.render.report_text import BREAKDOWNS
+from vramtrace.render.report_text import BREAKDOWNS, recorded_by
 from vramtrace.render.units import fmt_bytes, fmt_share
 
 
 def render_markdown(report: dict) -> str:
     out = [f"# vramtrace report: `{report['file']}`", ""]
+    if recorded_by(report):
+        out += [f"Recorded by {recorded_by(report)}.", ""]
     for dev in report["devices"]:
         state, at = dev["state"], dev["at"]
         out += [f"## device {dev['device']}", "",

@@ -5,14 +5,22 @@ from rich.console import Console
 from rich.table import Table
 
 from vramtrace.render.units import fmt_bytes, fmt_seconds, fmt_share
+from vramtrace.snapshot.save import RECORDERS
 
 BREAKDOWNS = (("by_owner", "owner"), ("by_owner_dtype", "owner x dtype"),
               ("by_module", "module"), ("by_phase", "phase"))
 MAX_ROWS = 15
 
 
+def recorded_by(report: dict) -> str | None:
+    """What recorded the file, in words (None for files vramtrace did not write)."""
+    return RECORDERS.get(report.get("recorded_by"))
+
+
 def render_text(report: dict, console: Console) -> None:
-    console.print(f"[bold]{report['file']}[/bold]  ({report['n_devices']} device(s))")
+    recorder = recorded_by(report)
+    console.print(f"[bold]{report['file']}[/bold]  ({report['n_devices']} device(s)"
+                  f"{', recorded by ' + recorder if recorder else ''})")
     for dev in report["devices"]:
         _device(dev, console)
 

@@ -33,6 +33,8 @@ class SimBackend(CpuBackend):
     """The CPU recorder, plus storages that stand for CUDA managed memory (paged optimizer
     state), which the caching allocator never sees and the snapshot must not hold."""
 
+    name = "simulate"
+
     def __init__(self, stacks: str | None = None) -> None:
         super().__init__(stacks=stacks)
         self._managed: set[int] = set()

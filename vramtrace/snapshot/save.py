@@ -17,6 +17,13 @@ from vramtrace.attribution.taxonomy import UNKNOWN
 
 PROTOCOL = 4   # MemoryViz accepts 2-4; Python 3.14 defaults to 5
 
+# Top-level key naming what recorded a file vramtrace wrote: "cuda" (PyTorch's allocator
+# history), "cpu" (the CPU shadow: tensors were real, the allocator model laid out the blocks)
+# or "simulate" (fake tensors). Viewers ignore keys they do not know.
+RECORDED_BY = "vramtrace_backend"
+RECORDERS = {"cuda": "PyTorch's CUDA allocator", "cpu": "vramtrace's CPU shadow allocator",
+             "simulate": "vramtrace's simulator (fake tensors)"}
+
 
 def plain(value: Any, _memo: dict[int, Any] | None = None) -> Any:
     """Copy ``value`` with only dict/list/str/int/float/bool/None (numpy scalars -> Python).
