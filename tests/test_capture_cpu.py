@@ -129,7 +129,7 @@ def test_roles_and_phases_join_by_allocation_not_address(recorded) -> None:
 
 def test_frames_are_python_innermost_first_without_tracker_frames(recorded) -> None:
     _, snap = recorded
-    own = str(REPO / "vramtrace")
+    own = str(REPO / "vramtrace" / "capture")
     made_in_forward = [e for e in allocs(snap) if json.loads(e["user_metadata"])["phase"] == "forward"]
     assert made_in_forward
     for e in made_in_forward:

@@ -37,6 +37,13 @@ def test_demo_peak_holds_the_weights_and_adam_state(demo_file):
     assert adam_bytes <= owners["optimizer"]["bytes"] <= adam_bytes + 512 * 3 * n_tensors
 
 
+def test_demo_stacks_show_the_demo_training_script(demo_file):
+    """Only the tracker's frames are left out of stacks, not the program vramtrace ships."""
+    top = build_report(load_trace(demo_file), "peak")["devices"][0]["top_stacks"]
+    assert any("tiny_training.py" in line for s in top for line in s["frames"])
+    assert not any("capture/" in line for s in top for line in s["frames"])
+
+
 def test_demo_reruns_over_its_own_file(tmp_path):
     path = tmp_path / "again.pkl"
     for steps in ("2", "1"):

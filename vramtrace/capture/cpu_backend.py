@@ -28,7 +28,9 @@ from vramtrace.replay import allocator
 from vramtrace.snapshot.load import gc_paused
 from vramtrace.snapshot.save import RECORDED_BY
 
-_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # vramtrace/
+# The tracker's own frames (vramtrace/capture/): not the demo's training script or the
+# simulator's step, which are the program being measured.
+_OWN_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
 _SKIP_FILES = frozenset({
     os.path.join(_TORCH_DIR, "utils", "_python_dispatch.py"),
@@ -52,7 +54,7 @@ def capture_stack() -> CapturedTraceback:
 class StackResolver:
     """Frame lists (snapshot format, innermost first) of captured stacks, in one native call.
 
-    vramtrace's own frames and torch's dispatch plumbing are left out. Identical frames are
+    The tracker's own frames and torch's dispatch plumbing are left out. Identical frames are
     one dict object, so the pickle stores each once; every event gets a list of its own."""
 
     def __init__(self, stacks: Iterable[CapturedTraceback | None]) -> None:
