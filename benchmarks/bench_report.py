@@ -9,7 +9,6 @@ process that has imported the same modules, peak RSS (VmHWM) of report minus tha
 from __future__ import annotations
 
 import argparse
-import gc
 import pickle
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import write_synthetic  # noqa: E402
+
+from vramtrace.gcpause import gc_paused  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 REAL = REPO.parent / "shared" / "fixtures" / "real-snapshots"
@@ -41,13 +42,10 @@ print(int(hwm.split()[1]) * 1024)
 """
 
 
-def gc_paused(fn):
+def without_gc(fn):
     def run():
-        gc.disable()
-        try:
+        with gc_paused():
             fn()
-        finally:
-            gc.enable()
     return run
 
 
@@ -82,7 +80,7 @@ def measure(path: Path) -> dict:
     # The cyclic GC runs during both, and how much depends on the heap the process has built
     # up: on small files it moves pickle.load by 2x between runs. Paused in both, the ratio is
     # the work alone (shown for reading the figures; the target is on the plain ratio).
-    t_load_nogc, t_report_nogc = best_of(gc_paused(load)), best_of(gc_paused(report))
+    t_load_nogc, t_report_nogc = best_of(without_gc(load)), best_of(without_gc(report))
     extra = peak_rss(path, "report") - peak_rss(path, "load")
     size = path.stat().st_size
     return {"file": path.name, "bytes": size, "load_s": t_load, "report_s": t_report,

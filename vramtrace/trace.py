@@ -19,7 +19,8 @@ from typing import Any, Callable, NamedTuple
 
 import numpy as np
 
-from vramtrace.snapshot.load import SnapshotError, check_event, gc_paused, load_snapshot
+from vramtrace.gcpause import gc_paused
+from vramtrace.snapshot.load import SnapshotError, check_event, load_snapshot
 from vramtrace.snapshot.save import RECORDED_BY, RECORDERS
 
 

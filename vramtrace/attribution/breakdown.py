@@ -14,6 +14,7 @@ import numpy as np
 
 from vramtrace import __version__
 from vramtrace.attribution.classify import Attribution, attribute, format_frame, python_frames
+from vramtrace.gcpause import gc_paused
 from vramtrace.replay.timeline import DeviceTimeline, build_timeline
 from vramtrace.trace import Action, Trace
 
@@ -32,6 +33,11 @@ def build_report(trace: Trace, at: str | int = "peak", devices: Iterable[int] | 
     """Everything ``vramtrace report`` shows, for the chosen devices (default: all with data)."""
     if devices is None:
         devices = [d for d in range(trace.n_devices) if _has_data(trace, d)] or list(range(trace.n_devices))
+    with gc_paused():   # many short-lived, acyclic objects: collections would only rescan the trace
+        return _report(trace, at, devices)
+
+
+def _report(trace: Trace, at: str | int, devices: Iterable[int]) -> dict:
     return {
         "schema": SCHEMA_VERSION,
         "vramtrace": __version__,

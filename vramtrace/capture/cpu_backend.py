@@ -24,8 +24,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from vramtrace.attribution import taxonomy as tx
 from vramtrace.capture.lifetimes import BackwardEntry, final_owner, owner_when_kept
 from vramtrace.capture.tagging import OWNER_PRIORITY, Tag, TaggingContext
+from vramtrace.gcpause import gc_paused
 from vramtrace.replay import allocator
-from vramtrace.snapshot.load import gc_paused
 from vramtrace.snapshot.save import RECORDED_BY
 
 # The tracker's own frames (vramtrace/capture/): not the demo's training script or the

@@ -7,15 +7,15 @@ DESIGN.md §3): a dict with ``segments`` (each block with an ``address``), ``dev
 """
 from __future__ import annotations
 
-import contextlib
-import gc
 import io
 import json
 import os
 import pickle
 import struct
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
+
+from vramtrace.gcpause import gc_paused
 
 PLAIN_TYPES = (dict, list, tuple, str, int, float, bool, type(None))
 SEGMENT_KEYS = ("address", "total_size", "blocks")
@@ -38,23 +38,6 @@ class _NoGlobalsUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid: Any) -> Any:
         raise pickle.UnpicklingError("refused a persistent id: snapshots hold plain data only")
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """The cyclic garbage collector off for the block (as it was after).
-
-    Reading or building a snapshot makes hundreds of thousands of dicts and lists, none of
-    them garbage; each 700 new containers trigger a collection and the older generations get
-    rescanned as the heap grows: on a 1,000,000-event file that is over half of pickle.load's
-    time."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def safe_unpickle(stream: io.BufferedIOBase) -> Any:
