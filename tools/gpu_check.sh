@@ -48,7 +48,9 @@ echo "== figures (cuda vs cpu shadow)"
 $py - "$out/gpu_report.json" "$out/cpu_report.json" <<'PY'
 import json, sys
 mib = lambda b: f"{b / 2**20:10.2f} MiB"
-g, c = (json.load(open(p))["devices"][0] for p in sys.argv[1:3])
+reports = [json.load(open(p)) for p in sys.argv[1:3]]
+assert [r["recorded_by"] for r in reports] == ["cuda", "cpu"], [r["recorded_by"] for r in reports]
+g, c = (r["devices"][0] for r in reports)
 for key in ("peak_allocated", "peak_reserved"):
     print(f"{key:16s} cuda {mib(g[key]['bytes'])}   cpu {mib(c[key]['bytes'])}")
 owners = {r["name"] for r in g["by_owner"] + c["by_owner"]}
