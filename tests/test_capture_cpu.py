@@ -283,6 +283,35 @@ def test_backward_of_a_loss_outside_modules_is_stamped_backward(run: str) -> Non
     assert torch.autograd._engine_run_backward is engine     # put back on uninstall
 
 
+def test_a_backward_pass_inside_another_gives_the_outer_module_back() -> None:
+    """Reentrant checkpointing runs a backward pass inside a node of the outer one; after it,
+    the outer pass's module (and its stamp on the thread) must be restored."""
+    listener = _StampingListener()
+    seen: list[tuple[str, str]] = []
+
+    class Reentrant(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, y):
+            return y.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            z = torch.ones(3, requires_grad=True)
+            with torch.enable_grad():                 # as checkpoint's backward does
+                torch.autograd.backward((z * 2).sum())
+            stamp = listener.stamps[threading.get_ident()]
+            seen.append((tagging.module, stamp["module"]))
+            return g
+
+    class Block(torch.nn.Module):
+        def forward(self, y):
+            return Reentrant.apply(y)
+
+    with tagging_hooks(listener) as tagging:
+        Block()(torch.randn(2, 4, requires_grad=True)).sum().backward()
+    assert seen == [("Block", "Block")]
+
+
 def test_context_knows_backward_on_another_thread() -> None:
     """The autograd engine runs CUDA backward on its own threads: phase and module must come
     from the graph task and backward hooks, not from thread-locals set during forward."""

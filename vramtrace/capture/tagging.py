@@ -154,14 +154,14 @@ def tagging_hooks(listener: TagListener) -> Iterator["TaggingContext"]:
 
 
 class _BackwardStartHook:
-    """Calls ``starts()`` before each backward pass (``backward()``, ``autograd.grad``) and
+    """Calls ``starts()`` before each backward pass (``backward()``, ``autograd.grad``),
     registers ``started`` as a pre-hook of its roots' nodes, which the engine runs first, on the
-    thread that runs the pass. torch has no global hook for either, so this wraps the one
-    function every pass goes through; ``remove()`` puts it back (like a hook handle), or, if
-    something wrapped it since, leaves a pass-through."""
+    thread that runs the pass, and calls ``ended(what starts returned)`` after it. torch has no
+    global hook for these, so this wraps the one function every pass goes through; ``remove()``
+    puts it back (like a hook handle), or, if something wrapped it since, leaves a pass-through."""
 
-    def __init__(self, starts: Any, started: Any) -> None:
-        self._starts, self._started = starts, started
+    def __init__(self, starts: Any, started: Any, ended: Any) -> None:
+        self._starts, self._started, self._ended = starts, started, ended
         self._original = getattr(torch.autograd, "_engine_run_backward", None)
         self._active = self._original is not None   # without it, module hooks stamp backward alone
         if self._active:
@@ -170,7 +170,7 @@ class _BackwardStartHook:
     def _run_backward(self, t_outputs: Any, *args: Any, **kwargs: Any) -> Any:
         if not self._active:
             return self._original(t_outputs, *args, **kwargs)
-        self._starts()
+        token = self._starts()
         roots = {id(t.grad_fn): t.grad_fn for t in t_outputs if getattr(t, "grad_fn", None) is not None}
         handles = [fn.register_prehook(self._started) for fn in roots.values()]
         try:
@@ -178,6 +178,7 @@ class _BackwardStartHook:
         finally:
             for h in handles:
                 h.remove()
+            self._ended(token)
 
     def remove(self) -> None:
         if not self._active:
@@ -280,7 +281,7 @@ class TaggingContext:
             _nn_module.register_module_forward_hook(self._fwd_post, always_call=True),
             _optim_mod.register_optimizer_step_pre_hook(self._opt_pre),
             _optim_mod.register_optimizer_step_post_hook(self._opt_post),
-            _BackwardStartHook(self._backward_starts, self._backward_started),
+            _BackwardStartHook(self._backward_starts, self._backward_started, self._backward_ended),
         ]
         self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._saved_hooks.__enter__()
@@ -346,9 +347,16 @@ class TaggingContext:
                     break
         self._listener.context_changed(self)
 
-    def _backward_starts(self) -> None:
-        """A backward pass is about to run: no module's gradients run yet."""
-        self._backward_module = ""
+    def _backward_starts(self) -> str:
+        """A backward pass is about to run: no module's gradients run yet. Returns the module
+        of the pass it runs inside, if any (reentrant checkpointing runs one inside another)."""
+        outer, self._backward_module = self._backward_module, ""
+        return outer
+
+    def _backward_ended(self, outer: str) -> None:
+        """Back in the enclosing pass's module (and stamp it again on this thread)."""
+        self._backward_module = outer
+        self._listener.context_changed(self)
 
     def _backward_started(self, grad_outputs: Any) -> None:
         """First on the autograd thread: the CUDA allocator's metadata is per thread, and the
