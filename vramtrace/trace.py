@@ -338,12 +338,16 @@ class _TraceBuilder:
         except (KeyError, TypeError, ValueError, OverflowError, AttributeError):
             self._find_bad_event(device, events)
             raise SnapshotError(f"device {device}: malformed event") from None
-        frames = _field(events, "frames")
-        has_stack = np.fromiter(map(bool, frames), bool, n)
-        first = self.stack_table.extend(frames)
-        stack = np.where(has_stack, np.arange(first, first + n, dtype=np.int32), -1).astype(np.int32)
-        return [action, addr, size, stream, time_us, np.full(n, device, np.int16), stack,
-                self._tag_column(events)]
+        return [action, addr, size, stream, time_us, np.full(n, device, np.int16),
+                self._stack_column(_field(events, "frames")), self._tag_column(events)]
+
+    def _stack_column(self, frames: list) -> np.ndarray:
+        """Stack ids of rows with frames (added to the stack table, unparsed), -1 elsewhere."""
+        has_stack = np.fromiter(map(bool, frames), bool, len(frames))
+        stack = np.full(len(frames), -1, np.int32)
+        first = self.stack_table.extend(list(compress(frames, has_stack)))
+        stack[has_stack] = np.arange(first, len(self.stack_table), dtype=np.int32)
+        return stack
 
     @staticmethod
     def _find_bad_event(device: int, events: list[dict]) -> None:
@@ -392,16 +396,11 @@ class _TraceBuilder:
             is_large=np.array([t == "large" for t in _field(segments, "segment_type", "large")], bool),
             is_expandable=np.fromiter(map(bool, _field(segments, "is_expandable")), bool, n_segs),
             first_block=np.cumsum(n_blocks) - n_blocks, n_blocks=n_blocks)
-        frames = _field(blocks, "frames")
-        has_stack = np.fromiter(map(bool, frames), bool, n_blks)
-        stack = np.full(n_blks, -1, np.int32)
-        first = self.stack_table.extend(list(compress(frames, has_stack)))
-        stack[has_stack] = np.arange(first, len(self.stack_table), dtype=np.int32)
         blks = BlockTable(
             segment=np.repeat(np.arange(n_segs, dtype=np.int64), n_blocks),
             address=_int_column(blocks, "address", None, n_blks),
             size=_int_column(blocks, "size", None, n_blks),
             requested_size=_int_column(blocks, "requested_size", 0, n_blks),
             state=np.fromiter(map(STATE_CODES.__getitem__, map(_item("state"), blocks)), np.int8, n_blks),
-            stack=stack)
+            stack=self._stack_column(_field(blocks, "frames")))
         return segs, blks
