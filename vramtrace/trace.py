@@ -211,9 +211,8 @@ _TAG_KEYS = frozenset(("category", "user_metadata", "compile_context"))
 def load_trace(path: str | os.PathLike,
                progress: Callable[[int, int], None] | None = None) -> Trace:
     """Load a snapshot file of any era into a Trace (raises SnapshotError on bad input)."""
-    snap = load_snapshot(path, progress)
-    with gc_paused():
-        return Trace.from_snapshot(snap, str(path))
+    with gc_paused():   # read_raw pauses it too; this also covers normalising and the build
+        return Trace.from_snapshot(load_snapshot(path, progress), str(path))
 
 
 _FRAME_FIELDS = operator.itemgetter("name", "filename", "line")

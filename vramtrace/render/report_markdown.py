@@ -7,8 +7,8 @@ from vramtrace.render.units import fmt_bytes, fmt_share
 
 def render_markdown(report: dict) -> str:
     out = [f"# vramtrace report: `{report['file']}`", ""]
-    if recorded_by(report):
-        out += [f"Recorded by {recorded_by(report)}.", ""]
+    if recorder := recorded_by(report):
+        out += [f"Recorded by {recorder}.", ""]
     for dev in report["devices"]:
         state, at = dev["state"], dev["at"]
         out += [f"## device {dev['device']}", "",
