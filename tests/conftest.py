@@ -32,3 +32,12 @@ def validate_memviz(*paths: Path) -> None:
         pytest.skip("../shared/tools/validate_memviz.py is absent")
     out = subprocess.run([sys.executable, str(VALIDATOR), *map(str, paths)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def tiny_llama_config():
+    """The tiny Llama the capture tests train: hidden 64, 2 layers, vocab 128 (transformers
+    imported here, so modules that skip without it can still import conftest)."""
+    import transformers
+    return transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=4, vocab_size=128,
+                                    max_position_embeddings=64)

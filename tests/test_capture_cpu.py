@@ -15,7 +15,7 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from conftest import REPO, validate_memviz  # noqa: E402
+from conftest import REPO, tiny_llama_config, validate_memviz  # noqa: E402
 from profiler_memory import profiled_memory  # noqa: E402
 
 import vramtrace  # noqa: E402
@@ -27,10 +27,7 @@ from vramtrace.snapshot.load import read_raw  # noqa: E402
 
 def tiny_llama() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.Tensor]:
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=4, vocab_size=128,
-                                   max_position_embeddings=64)
-    m = transformers.LlamaForCausalLM(cfg)
+    m = transformers.LlamaForCausalLM(tiny_llama_config())
     m.train()
     return m, torch.optim.AdamW(m.parameters()), torch.randint(0, 128, (2, 16))
 

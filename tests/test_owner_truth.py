@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from conftest import validate_memviz  # noqa: E402
+from conftest import tiny_llama_config, validate_memviz  # noqa: E402
 from profiler_memory import profiled_memory  # noqa: E402
 
 import vramtrace  # noqa: E402
@@ -33,18 +33,12 @@ STEPS = 3
 LORA_TARGETS = ["q_proj", "v_proj"]
 
 
-def tiny_config():
-    return transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=4, vocab_size=128,
-                                    max_position_embeddings=64)
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
     """A tiny fp32 checkpoint on disk: bitsandbytes quantizes while loading from files."""
     d = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(tiny_config()).save_pretrained(d)
+    transformers.LlamaForCausalLM(tiny_llama_config()).save_pretrained(d)
     return d
 
 
@@ -67,10 +61,10 @@ def build(kind: str, checkpoint: Path) -> Recipe:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if kind == "fp32_full":
-            m = transformers.LlamaForCausalLM(tiny_config())
+            m = transformers.LlamaForCausalLM(tiny_llama_config())
             r = Recipe(m, torch.optim.AdamW(m.parameters()), autocast=False)
         elif kind == "fp16_lora_bf16_autocast":
-            m = peft.get_peft_model(transformers.LlamaForCausalLM(tiny_config()).half(), lora())
+            m = peft.get_peft_model(transformers.LlamaForCausalLM(tiny_llama_config()).half(), lora())
             r = Recipe(m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad]), autocast=True)
         elif kind == "int8_lora":
             bnb_cfg = transformers.BitsAndBytesConfig(load_in_8bit=True)
