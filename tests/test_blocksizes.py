@@ -157,6 +157,16 @@ def test_inconsistent_history_falls_back_to_estimates():
     assert by_addr == {BASE: (4 * MIB, True), BASE + 4 * MIB: (16 * MIB, True), BASE + MIB: (2 * MIB, False)}
 
 
+def test_small_pool_sizes_stay_exact_past_a_large_pool_inconsistency():
+    """Only the large pool's extents are replayed: a small block is its rounded request
+    whatever the layout, so an unexplained large alloc leaves the small sizes known."""
+    small_base = BASE + 64 * MIB
+    segs = [_segment(BASE, 20 * MIB, [(BASE, 4 * MIB, "active_allocated"), (BASE + 4 * MIB, 16 * MIB, "inactive")]),
+            _segment(small_base, 2 * MIB, [(small_base, 2 * MIB, "inactive")], small=True)]
+    trace = _trace(segs, [*_alloc_free(BASE + MIB, 2 * MIB), *_alloc_free(small_base, 1000)])
+    assert exact_block_sizes(trace, 0).tolist() == [0, 0, 0, 1024, 0, 1024]
+
+
 def test_expandable_segments_split_every_remainder():
     """With expandable segments every remainder of >= 512 B is split off: blocks are the
     rounded requests, whatever the layout (map/unmap events need no bookkeeping)."""

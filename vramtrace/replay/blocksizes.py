@@ -29,7 +29,8 @@ def exact_block_sizes(trace: Trace, device: int) -> np.ndarray:
     the block the alloc got, on FREE_COMPLETED the block the free released (including blocks
     that existed before the trace), 0 elsewhere. Also 0 from the first event the rewound layout
     cannot explain on (no free block at an alloc's address, a free of an unknown block, a
-    segment released while in use): past that point every extent would be a guess."""
+    segment released while in use): past that point every extent would be a guess. Where only
+    the large pool is replayed (see below) that holds for its blocks alone."""
     sl = trace.device_slice(device)
     action = trace.action[sl]
     sizes = np.zeros(len(action), np.int64)
@@ -57,14 +58,26 @@ def exact_block_sizes(trace: Trace, device: int) -> np.ndarray:
         return sizes
     if settings.expandable_segments:  # mapped pages are not tracked
         return sizes
+    layout = start_layout(trace, device, settings)
+    if settings.large_segment_size != K_SMALL_BUFFER and _aligned(trace, device, steps):
+        # the small pool's blocks are their rounded requests (as above), and its segments
+        # (K_SMALL_BUFFER each, a size no large segment has) never hold a large block: only
+        # the large pool's extents need the replay, a fifth of the events of a typical file
+        small_block = thresholds[inverse] <= K_MIN_BLOCK
+        sizes[blocks[small_block]] = rounded[inverse[small_block]]
+        blocks, inverse = blocks[~small_block], inverse[~small_block]
+        is_segment = np.isin(action, _SEGMENT_EVENTS)
+        small_segment = is_segment & (trace.size[sl] == K_SMALL_BUFFER)
+        steps = np.union1d(blocks, np.flatnonzero(is_segment & ~small_segment))
+        layout = layout.without_small_segments()
 
     in_steps = np.searchsorted(steps, blocks)
     value = trace.size[sl][steps]          # segment events: the segment's size
     value[in_steps] = rounded[inverse]     # allocs: the rounded request (frees: unused)
     split_from = np.zeros(len(steps), np.int64)
     split_from[in_steps] = (rounded + thresholds)[inverse]
-    sizes[steps] = _replay_extents(start_layout(trace, device, settings), action[steps].tolist(),
-                                   trace.addr[sl][steps].tolist(), value.tolist(), split_from.tolist())
+    sizes[steps] = _replay_extents(layout, action[steps].tolist(), trace.addr[sl][steps].tolist(),
+                                   value.tolist(), split_from.tolist())
     return sizes
 
 
@@ -107,6 +120,15 @@ class StartLayout:
     free_end: np.ndarray
     live_addr: np.ndarray    # blocks allocated or pending free, ascending
     live_size: np.ndarray
+    small: np.ndarray        # per segment: of the small pool
+
+    def without_small_segments(self) -> "StartLayout":
+        """The large pool's part of the layout."""
+        large = ~self.small
+        free_in = large[np.searchsorted(self.heads, self.free_start, side="right") - 1]
+        live_in = large[np.searchsorted(self.heads, self.live_addr, side="right") - 1]
+        return StartLayout(self.heads[large], self.free_start[free_in], self.free_end[free_in],
+                           self.live_addr[live_in], self.live_size[live_in], self.small[large])
 
 
 def start_layout(trace: Trace, device: int, settings: AllocatorSettings) -> StartLayout:
@@ -159,7 +181,7 @@ def start_layout(trace: Trace, device: int, settings: AllocatorSettings) -> Star
     free_start = np.concatenate([gap_start[gap], tail_start[tail]])
     free_end = np.concatenate([block_addr[gap], seg_end[tail]])
     order = np.lexsort((free_start, free_seg))
-    return StartLayout(heads, free_start[order], free_end[order], block_addr, block_end - block_addr)
+    return StartLayout(heads, free_start[order], free_end[order], block_addr, block_end - block_addr, small)
 
 
 def _first_and_last(addr: np.ndarray, events: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
