@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from operator import attrgetter
 from typing import Callable, Iterable
 
 import numpy as np
@@ -130,18 +131,23 @@ def _group(totals: list[tuple[Attribution, int, int]], key: Callable[[Attributio
 
 
 def _top_stacks(trace: Trace, stacks: list[int], sizes: list[int], attrs: list[Attribution]) -> list[dict]:
-    bytes_by: dict[tuple, int] = defaultdict(int)
-    count_by: dict[tuple, int] = defaultdict(int)
-    example: dict[tuple, int] = {}
-    for stack, size, a in zip(stacks, sizes, attrs):
-        key = (trace.stack_key(stack), a.owner)
-        bytes_by[key] += size
-        count_by[key] += 1
-        example.setdefault(key, stack)
-    top = sorted(bytes_by.items(), key=lambda kv: -kv[1])[:TOP_STACKS]
-    return [{"bytes": b, "count": count_by[k], "owner": k[1],
-             "frames": [format_frame(f) for f in python_frames(trace.stack_frames(example[k]))][:STACK_DEPTH]}
-            for k, b in top]
+    """The largest (stack, owner) groups of the live allocations. Grouped with numpy: a
+    thousand-odd live rows with dict updates per row cost a third of the attribution."""
+    if not stacks:
+        return []
+    owners = list(map(attrgetter("owner"), attrs))
+    owner_code = {o: i for i, o in enumerate(dict.fromkeys(owners))}
+    keys = np.array([trace.stack_key(s) for s in stacks], np.int64)
+    group = (keys + 1) * len(owner_code) + np.fromiter(map(owner_code.__getitem__, owners), np.int64, len(owners))
+    _, first, inverse = np.unique(group, return_index=True, return_inverse=True)
+    total = np.zeros(len(first), np.int64)
+    np.add.at(total, inverse, np.array(sizes, np.int64))
+    count = np.bincount(inverse)
+    # largest first; ties in the order the groups first appear
+    top = np.lexsort((first, -total))[:TOP_STACKS].tolist()
+    return [{"bytes": int(total[g]), "count": int(count[g]), "owner": owners[first[g]],
+             "frames": [format_frame(f) for f in python_frames(trace.stack_frames(stacks[first[g]]))][:STACK_DEPTH]}
+            for g in top]
 
 
 def _plain(value):
