@@ -12,8 +12,10 @@ import json
 import os
 import pickle
 import struct
+from itertools import chain, repeat
+from operator import contains, itemgetter, methodcaller
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from vramtrace.gcpause import gc_paused
 
@@ -130,8 +132,9 @@ def normalize(raw: Any) -> dict:
     segments = raw["segments"]
     if not isinstance(segments, list):
         raise SnapshotError("'segments' is not a list")
-    for i, seg in enumerate(segments):
-        _check_segment(i, seg)
+    if not _segments_well_formed(segments):
+        for i, seg in enumerate(segments):
+            _check_segment(i, seg)
     traces = raw.get("device_traces")
     if traces is None:
         traces = []
@@ -149,6 +152,36 @@ def normalize(raw: Any) -> dict:
     if not isinstance(out["external_annotations"], list):
         raise SnapshotError("'external_annotations' is not a list")
     return out
+
+
+def _all_instances(values: Iterable[Any], kind: type) -> bool:
+    return all(map(isinstance, values, repeat(kind)))
+
+
+def _segments_well_formed(segments: list) -> bool:
+    """The checks of `_check_segment` as C-level passes, for files that pass them all (every
+    modern file): a third of the cost of walking each segment and block in Python. False
+    sends the caller to that walk, which names the problem or upgrades torch 2.0 blocks."""
+    try:
+        if not _all_instances(segments, dict):
+            return False
+        devices = list(map(methodcaller("get", "device", 0), segments))
+        per_segment = list(map(itemgetter("blocks"), segments))
+        if not (_all_instances(map(itemgetter("address"), segments), int)
+                and _all_instances(map(itemgetter("total_size"), segments), int)
+                and _all_instances(devices, int) and _all_instances(per_segment, list)):
+            return False
+        if devices and not 0 <= min(devices) <= max(devices) < 4096:
+            return False
+        blocks = list(chain.from_iterable(per_segment))
+        if not _all_instances(blocks, dict):
+            return False
+        sizes = list(map(itemgetter("size"), blocks))
+        return (_all_instances(sizes, int) and (not sizes or min(sizes) >= 0)
+                and set(map(itemgetter("state"), blocks)) <= BLOCK_STATES
+                and all(map(contains, blocks, repeat("address"))))
+    except (KeyError, TypeError):
+        return False
 
 
 def _check_segment(i: int, seg: Any) -> None:
