@@ -3,7 +3,7 @@
     python benchmarks/bench_report.py [--events 1000000]
 
 Targets (issue 2): report time <= 2x the load time; extra peak memory < 3x the file size.
-Time: in-process, best of 3, load_trace + build_report vs pickle.load. Memory: each in a fresh
+Time: in-process, best of 5, load_trace + build_report vs pickle.load. Memory: each in a fresh
 process that has imported the same modules, peak RSS (VmHWM) of report minus that of load.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ def without_gc(fn):
     return run
 
 
-def best_of(fn, n: int = 3) -> float:
+def best_of(fn, n: int = 5) -> float:
     times = []
     for _ in range(n):
         t = time.perf_counter()
