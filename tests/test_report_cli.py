@@ -87,3 +87,25 @@ def test_untagged_report_says_it_guesses():
 def test_version_and_help():
     assert run("--version").stdout.startswith("vramtrace, version")
     assert "--format" in run("report", "--help").stdout
+
+
+def test_reading_verbs_run_with_the_gc_paused_and_restore_it(tagged_file, monkeypatch):
+    """The cyclic GC is off while `report` analyses (cli.READING_VERBS) and back on after,
+    also when the file is bad; nothing else about the run changes."""
+    import gc
+
+    import vramtrace.commands.report as report_verb
+    seen = []
+    real = report_verb.build_report
+
+    def watching(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(report_verb, "build_report", watching)
+    assert gc.isenabled()
+    assert run("report", tagged_file, "--format", "json").exit_code == 0
+    assert seen == [False] and gc.isenabled()
+    bad = tagged_file.with_name("bad.pkl")
+    bad.write_bytes(b"\x80\x04garbage")
+    assert run("report", bad).exit_code == 2 and gc.isenabled()
