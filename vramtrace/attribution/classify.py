@@ -96,8 +96,6 @@ class _Guesser:
 
     def __init__(self, trace: Trace) -> None:
         self.table = trace.stack_table
-        self.rule: list[int] = []       # per frame id: index of the first rule it matches
-        self.user: list[bool] = []      # per frame id: user code (not Python's, torch's, generated)
         self.labels: dict[int, str] = {}  # per user frame id: "file.py:line name"
         self.by_guess: dict[tuple[str, str], Attribution] = {}
 
@@ -106,27 +104,45 @@ class _Guesser:
         out = [self._NO_STACK[b] for b in before_trace.tolist()]
         with_stack = np.flatnonzero(stacks >= 0).tolist()
         keys = list(map(self.table.key, stacks[with_stack].tolist()))
-        by_key = dict(zip(*self._stack_facts(list(dict.fromkeys(keys)))))
+        distinct = list(dict.fromkeys(keys))
+        by_key = dict(zip(distinct, self._of_stacks(distinct)))
         for i, key in zip(with_stack, keys):
             out[i] = by_key[key]
         return out
 
-    def _stack_facts(self, keys: list[int]) -> tuple[list[int], list[Attribution]]:
-        self._learn()
+    def _of_stacks(self, keys: list[int]) -> list[Attribution]:
+        if not keys:
+            return []
+        rule, user = self._frame_facts()
         stacks = [self.table.stacks[k] for k in keys]
         lengths = np.fromiter(map(len, stacks), np.int64, len(stacks))
         flat = np.fromiter(chain.from_iterable(stacks), np.int64, int(lengths.sum()))
-        if not len(flat):
-            return keys, [self._attribution(None, len(_PHASE_RULES))] * len(keys)
         starts = np.cumsum(lengths) - lengths
-        first_rule = np.minimum.reduceat(np.array(self.rule, np.int64)[flat], starts)
-        user_at = np.where(np.array(self.user, bool)[flat], np.arange(len(flat)), len(flat))
-        first_user = np.minimum.reduceat(user_at, starts)
-        has_user = first_user < starts + lengths
-        user_frame = np.where(has_user, flat[np.minimum(first_user, len(flat) - 1)], -1)
-        return keys, list(map(self._attribution, user_frame.tolist(), first_rule.tolist()))
+        first_rule = np.minimum.reduceat(rule[flat], starts)
+        first_user = np.minimum.reduceat(np.where(user[flat], np.arange(len(flat)), len(flat)), starts)
+        user_frame = np.where(first_user < starts + lengths, flat[np.minimum(first_user, len(flat) - 1)], -1)
+        return list(map(self._attribution, user_frame.tolist(), first_rule.tolist()))
 
-    def _attribution(self, user_frame: int | None, rule: int) -> Attribution:
+    def _frame_facts(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per frame id: the index of the first rule it matches, and whether it is user code
+        (not Python's, torch's or generated). Frames differing only in line share the answers
+        (C++ and generated code often do: ~1,240 frames but ~35 files in a real file), and the
+        rule tests cost ~2 µs a frame."""
+        rule_of: dict[tuple[str, str], int] = {}
+        user_of: dict[str, bool] = {}
+        rule, user = [], []
+        for f in self.table.frames:
+            r = rule_of.get(f[:2])
+            if r is None:
+                r = rule_of[f[:2]] = _first_rule(f)
+            rule.append(r)
+            u = user_of.get(f.filename)
+            if u is None:
+                u = user_of[f.filename] = is_python_frame(f) and not _LIBRARY.search(f.filename)
+            user.append(u)
+        return np.array(rule, np.int64), np.array(user, bool)
+
+    def _attribution(self, user_frame: int, rule: int) -> Attribution:
         phase = _PHASE_RULES[rule][0] if rule < len(_PHASE_RULES) else GUESS_OTHER
         guess = (self._label(user_frame), phase)
         a = self.by_guess.get(guess)
@@ -134,24 +150,9 @@ class _Guesser:
             a = self.by_guess[guess] = Attribution(UNKNOWN, guess[0], phase, "-", True)
         return a
 
-    def _learn(self) -> None:
-        # frames differing only in line share the answers (C++ and generated code often do:
-        # ~1,240 frames, ~35 files in a real file), and the rule tests cost ~2 µs a frame
-        rule_of: dict[tuple[str, str], int] = {}
-        user_of: dict[str, bool] = {}
-        for f in self.table.frames[len(self.rule):]:
-            rule = rule_of.get(f[:2])
-            if rule is None:
-                rule = rule_of[f[:2]] = _first_rule(f)
-            self.rule.append(rule)
-            user = user_of.get(f.filename)
-            if user is None:
-                user = user_of[f.filename] = is_python_frame(f) and not _LIBRARY.search(f.filename)
-            self.user.append(user)
-
-    def _label(self, frame_id: int | None) -> str:
-        """Where a stack's first user frame is ("-": none); many stacks share it."""
-        if frame_id is None or frame_id < 0:
+    def _label(self, frame_id: int) -> str:
+        """Where a stack's first user frame is ("-": none, -1); many stacks share it."""
+        if frame_id < 0:
             return "-"
         label = self.labels.get(frame_id)
         if label is None:
