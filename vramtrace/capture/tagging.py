@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 import threading
 import weakref
 from dataclasses import dataclass
@@ -40,16 +41,23 @@ OWNER_PRIORITY: dict[str, int] = {
 
 _TO_COPY = torch.ops.aten._to_copy.default   # the op autocast casts a weight with
 
-_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-                torch.float64: "fp64", torch.int8: "int8", torch.uint8: "uint8"}
+
+class _DtypeNames(dict):
+    """dtype -> short label; a dtype without a short one is named on first use. Indexing it is
+    one native lookup, where every allocation's tag needs one."""
+
+    def __missing__(self, dtype: torch.dtype) -> str:
+        name = self[dtype] = str(dtype).removeprefix("torch.")
+        return name
+
+
+_DTYPE_NAMES = _DtypeNames({torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
+                            torch.float64: "fp64", torch.int8: "int8", torch.uint8: "uint8"})
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     """Short dtype label used in tags (reports split ``weight`` by it: int8, uint8 4-bit, fp16...)."""
-    name = _DTYPE_NAMES.get(dtype)   # not .get(dtype, str(...)): the default is built every call
-    if name is None:
-        name = _DTYPE_NAMES[dtype] = str(dtype).removeprefix("torch.")
-    return name
+    return _DTYPE_NAMES[dtype]
 
 
 # The compact JSON json.dumps(..., separators=(",", ":")) writes for a Tag, formatted directly:
@@ -117,7 +125,11 @@ def _tensors_in(obj: Any, depth: int = 0, *, max_depth: int = 4,
     else:
         return
     for v in children:
-        yield from _tensors_in(v, depth + 1, max_depth=max_depth, state_objects=state_objects)
+        if isinstance(v, torch.Tensor):   # the common child, without a generator of its own
+            if depth < max_depth:
+                yield v
+        else:
+            yield from _tensors_in(v, depth + 1, max_depth=max_depth, state_objects=state_objects)
 
 
 def _flat_tensors(obj: Any) -> Iterator[torch.Tensor]:
@@ -125,9 +137,12 @@ def _flat_tensors(obj: Any) -> Iterator[torch.Tensor]:
     return _tensors_in(obj, max_depth=3, state_objects=False)
 
 
+_graph_task_id = torch._C._current_graph_task_id   # -1 outside a backward graph task
+
+
 def _in_backward() -> bool:
     """True on any thread while the autograd engine runs a backward graph task."""
-    return torch._C._current_graph_task_id() != -1
+    return _graph_task_id() != -1
 
 
 def autocast_enabled(device_type: str) -> bool:
@@ -188,12 +203,19 @@ class _BackwardStartHook:
             torch.autograd._engine_run_backward = self._original
 
 
+class _ThreadState(threading.local):
+    """Per thread: the modules entered, innermost last, as (path, autocast on at entry)."""
+
+    def __init__(self) -> None:
+        self.stack: list[tuple[str, bool]] = []
+
+
 class TaggingContext:
     """Tracks module path, phase and optimizer step, and turns them into allocation tags."""
 
     def __init__(self, listener: TagListener) -> None:
         self._listener = listener
-        self._tls = threading.local()
+        self._tls = _ThreadState()
         self._names: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
         self._roots: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
         self._optimizers: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
@@ -207,34 +229,20 @@ class TaggingContext:
         self.step = 0
 
     # -- state -------------------------------------------------------------------------------
-    def _stack(self) -> list[tuple[str, bool]]:
-        st = getattr(self._tls, "stack", None)
-        if st is None:
-            st = self._tls.stack = []
-        return st
-
     @property
     def phase(self) -> str:
         """Phase of the calling thread: recompute = a module forward inside backward."""
-        in_module = bool(self._stack())
-        if _in_backward():
-            return "recompute" if in_module else "backward"
-        if self._optimizer_depth:
-            return "optimizer"
-        return "forward" if in_module else "setup"
+        return self.where()[1]
 
     @property
     def module(self) -> str:
         """Innermost module path of this thread (in backward: the module whose outputs' grads run)."""
-        st = self._stack()
-        if st:
-            return st[-1][0]
-        return self._backward_module if _in_backward() else ""
+        return self.where()[0]
 
-    def _where(self) -> tuple[str, str]:
-        """``(self.module, self.phase)`` with one look at the thread's stack and the engine."""
-        st = self._stack()
-        if _in_backward():
+    def where(self) -> tuple[str, str]:
+        """``(module, phase)`` of the calling thread, with one look at its stack and the engine."""
+        st = self._tls.stack
+        if _graph_task_id() != -1:   # _in_backward(), without a call: this runs per allocation
             return (st[-1][0], "recompute") if st else (self._backward_module, "backward")
         module = st[-1][0] if st else ""
         if self._optimizer_depth:
@@ -243,7 +251,7 @@ class TaggingContext:
 
     def context_tag(self) -> Tag:
         """Tag for an allocation made now, before its tensor is known."""
-        return Tag(tx.TEMPORARY, *self._where(), self.step)
+        return Tag(tx.TEMPORARY, *self.where(), self.step)
 
     def context_json(self) -> str:
         """The context string the CUDA backend stamps as thread-local memory metadata."""
@@ -255,10 +263,10 @@ class TaggingContext:
         Owner is ``temporary`` unless the op is autocast's cast of a parameter (``autocast``);
         later roles arrive as re-tags.
         """
-        tag = Tag(tx.TEMPORARY, *self._where(), self.step, dtype_name(tensor.dtype), tuple(tensor.shape))
+        tag = Tag(tx.TEMPORARY, *self.where(), self.step, _DTYPE_NAMES[tensor.dtype], tuple(tensor.shape))
         if func is not _TO_COPY:
             return tag
-        st = self._stack()
+        st = self._tls.stack
         if (st and st[-1][1] and args
                 and isinstance(args[0], torch.Tensor)):
             param = self.param_name(args[0])
@@ -307,11 +315,11 @@ class TaggingContext:
                 self._index_root(root)
             name = self._names.get(module)
         if name is None:
-            if not self._stack():
+            if not self._tls.stack:
                 self.track_model(module)
                 name = self._names.get(module, type(module).__name__)
             else:  # a module outside every tracked model, called inside one's forward
-                name = self._names[module] = f"{self._stack()[-1][0]}.{type(module).__name__}"
+                name = self._names[module] = f"{self._tls.stack[-1][0]}.{type(module).__name__}"
         return name
 
     def _index_root(self, root: torch.nn.Module) -> None:
@@ -321,10 +329,10 @@ class TaggingContext:
                 self._names[m] = f"{prefix}.{n}" if n else prefix
 
     def _fwd_pre(self, module: torch.nn.Module, args: tuple) -> None:
-        outer = not self._stack()
+        outer = not self._tls.stack
         # Autocast reads as off inside __torch_dispatch__, so note it where the module is entered.
         autocast = autocast_enabled("cpu") or autocast_enabled("cuda")
-        self._stack().append((self._name_of(module), autocast))
+        self._tls.stack.append((self._name_of(module), autocast))
         if outer and not _in_backward():
             for t in _flat_tensors(args):
                 self._listener.retag(t, self._role(t, tx.INPUT))
@@ -332,12 +340,12 @@ class TaggingContext:
 
     def _root_kwargs_pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         """Per-root hook: the global pre hook does not see kwargs (HF models take input_ids=...)."""
-        if len(self._stack()) == 1 and not _in_backward():
+        if len(self._tls.stack) == 1 and not _in_backward():
             for t in _flat_tensors(kwargs):
                 self._listener.retag(t, self._role(t, tx.INPUT))
 
     def _fwd_post(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
-        st = self._stack()
+        st = self._tls.stack
         name = st.pop()[0] if st else ""
         if torch.is_grad_enabled() and not _in_backward():
             for t in _flat_tensors(output):
@@ -399,7 +407,7 @@ class TaggingContext:
 
     # -- roles ---------------------------------------------------------------------------------
     def _role(self, t: torch.Tensor, owner: str, param: str = "") -> Tag:
-        return Tag(owner, *self._where(), self.step, dtype_name(t.dtype), tuple(t.shape), param)
+        return Tag(owner, *self.where(), self.step, _DTYPE_NAMES[t.dtype], tuple(t.shape), param)
 
     def track_model(self, root: torch.nn.Module) -> None:
         """Adopt ``root``: name its modules, tag its parameters/buffers, watch its gradients."""
@@ -429,8 +437,12 @@ class TaggingContext:
         for name, b in root.named_buffers():
             self._listener.retag(b, Tag(tx.WEIGHT, "", "setup", self.step, dtype_name(b.dtype),
                                         tuple(b.shape), name))
+        if "bitsandbytes" not in sys.modules:   # no MatmulLtState can exist: skip a walk of the model
+            return
         for mname, m in root.named_modules():
-            state = getattr(m, "state", None)
+            # read the instance attribute directly: getattr on a module without a "state" goes
+            # through nn.Module.__getattr__ and an exception, for every module of every sweep
+            state = getattr(m, "state", None) if hasattr(type(m), "state") else vars(m).get("state")
             if type(state).__name__ == "MatmulLtState":
                 for q in _tensors_in(state):
                     self._listener.retag(q, Tag(tx.QUANT_STATE, "", "setup", self.step,
@@ -441,21 +453,22 @@ class TaggingContext:
         for group in opt.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
-                    self._retag_once(p.grad, tx.GRADIENT, self.param_name(p))
+                    self._retag_once(p.grad, tx.GRADIENT, p)
         for p, st in list(opt.state.items()):
-            name = self.param_name(p) if isinstance(p, torch.Tensor) else ""
             for t in _tensors_in(st):
-                self._retag_once(t, tx.OPTIMIZER, name)
+                self._retag_once(t, tx.OPTIMIZER, p)
         for attr, v in vars(opt).items():  # e.g. bitsandbytes' name2qmap quantization maps
             if attr not in ("state", "param_groups", "defaults"):
                 for t in _tensors_in(v):
-                    self._retag_once(t, tx.OPTIMIZER, "")
+                    self._retag_once(t, tx.OPTIMIZER, None)
 
-    def _retag_once(self, t: torch.Tensor, owner: str, param: str) -> None:
-        """Re-tag ``t`` unless this very tensor object was already given ``owner``.
+    def _retag_once(self, t: torch.Tensor, owner: str, of: Any) -> None:
+        """Re-tag ``t`` (the role ``owner`` of parameter ``of``, if a tensor) unless this very
+        tensor object was already given ``owner``.
 
         Optimizer sweeps run twice a step over the same state tensors; a re-tag builds a tag and
-        looks up the storage, an identity check does neither. Entries leave with their tensor."""
+        looks up the storage, an identity check does neither (nor the parameter's name). Entries
+        leave with their tensor."""
         key = id(t)
         hit = self._swept.get(key)
         if hit is not None and hit[1] == owner and hit[0]() is t:
@@ -466,6 +479,7 @@ class TaggingContext:
             if swept.get(key, (None,))[0] is ref:
                 del swept[key]
         swept[key] = (weakref.ref(t, forget), owner)
+        param = self.param_name(of) if isinstance(of, torch.Tensor) else ""
         self._listener.retag(t, self._role(t, owner, param))
 
     def sweep(self) -> None:
