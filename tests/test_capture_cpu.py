@@ -160,12 +160,12 @@ def test_captured_stacks_resolve_to_the_lines_f_lineno_gave() -> None:
         return [cpu_backend.capture_stack(), _stack_read_now()] + [x for pair in gen() for x in pair]
 
     raws, eager, raws_gen, eager_gen = nested(3)
-    resolve = cpu_backend.StackResolver([raws, raws_gen, None])
-    assert resolve(None) == []
-    for raw, seen in ((raws, eager), (raws_gen, eager_gen)):
+    resolved = cpu_backend.resolve_stacks([raws, raws_gen, None, raws])
+    assert resolved[2] == []
+    for frames, seen in ((resolved[0], eager), (resolved[1], eager_gen)):
         # none of these frames is vramtrace's or torch dispatch's, so none is left out
-        assert [(f["name"], f["filename"], f["line"]) for f in resolve(raw)] == seen
-        assert resolve(raw) is not resolve(raw)        # a list of its own per event
+        assert [(f["name"], f["filename"], f["line"]) for f in frames] == seen
+    assert resolved[3] == resolved[0] and resolved[3] is not resolved[0]   # a list of its own per event
 
 
 def test_gradient_checkpointing_records_recompute(tmp_path: Path) -> None:

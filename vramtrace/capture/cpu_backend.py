@@ -10,11 +10,11 @@ alloc event.
 """
 from __future__ import annotations
 
+import functools
 import os
 import time
 import weakref
-from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch._C._profiler import CapturedTraceback, gather_traceback, symbolize_tracebacks
@@ -42,57 +42,41 @@ _SKIP_FILES = frozenset({
 _PARAM_OWNERS = frozenset({tx.WEIGHT, tx.TRAINABLE, tx.QUANT_STATE})
 
 
-def capture_stack() -> CapturedTraceback:
-    """The caller's Python stack, captured natively as (code, instruction) pairs.
+# capture_stack() -> CapturedTraceback: the caller's Python stack, captured natively as (code,
+# instruction) pairs. torch's own traceback capture (what the CUDA allocator records) walks the
+# frames in C++, ~4x faster than a Python loop over ``f_back``; names and lines are resolved once,
+# at dump (resolve_stacks). It holds code objects only, never frames or their locals.
+# A partial, not a def: a def's own frame would be one more frame object for every capture to
+# create (and walk), with one capture per allocation and per free.
+capture_stack = functools.partial(gather_traceback, True, False, False)
 
-    torch's own traceback capture (what the CUDA allocator records) walks the frames in C++,
-    ~4x faster than a Python loop over ``f_back``; names and lines are resolved once, at dump
-    (:class:`StackResolver`). It holds code objects only, never frames or their locals."""
-    return gather_traceback(True, False, False)
 
-
-class StackResolver:
-    """Frame lists (snapshot format, innermost first) of captured stacks, in one native call.
+def resolve_stacks(stacks: list[CapturedTraceback | None]) -> list[list[dict]]:
+    """Frame lists (snapshot format, innermost first) of captured stacks, in one native call:
+    a list of its own per stack, in order ([] for None).
 
     The tracker's own frames and torch's dispatch plumbing are left out. Identical frames are
-    one dict object, so the pickle stores each once; every event gets a list of its own."""
-
-    def __init__(self, stacks: Iterable[CapturedTraceback | None]) -> None:
-        captured = [tb for tb in stacks if tb is not None]
-        # Symbolizing imports torch's fx/dynamo machinery on first use in a process (~1 s
-        # when the program has not loaded it already); torch's own snapshots pay the same.
-        resolved = symbolize_tracebacks(captured) if captured else []
-        # symbolize returns one dict per distinct frame, and a training loop repeats a few
-        # hundred distinct stacks: filter each distinct stack once, found by its frames' ids
-        filtered: dict[tuple[int, ...], list[dict]] = {}
-        self._frames: dict[int, list[dict]] = {}
-        for tb, frames in zip(captured, resolved):
-            ids = tuple(map(id, frames))
-            out = filtered.get(ids)
-            if out is None:
-                out = filtered[ids] = [f for f in frames if f["filename"] not in _SKIP_FILES
-                                       and not f["filename"].startswith(_OWN_DIR)]
-            self._frames[id(tb)] = out
-
-    def __call__(self, tb: CapturedTraceback | None) -> list[dict]:
-        return [] if tb is None else self._frames[id(tb)].copy()
-
-
-def _now_us() -> int:
-    return time.time_ns() // 1000
-
-
-@dataclass(slots=True, eq=False)
-class AllocRecord:
-    """One storage's life; ``tag`` is updated in place by re-tags."""
-    size: int
-    time_us: int
-    frames: CapturedTraceback | None
-    tag: Tag
-    free_time_us: int = -1
-    free_frames: CapturedTraceback | None = None
-    free_phase: str = ""
-    free_step: int = -1
+    one dict object, so the pickle stores each once."""
+    captured = [tb for tb in stacks if tb is not None]
+    # Symbolizing imports torch's fx/dynamo machinery on first use in a process (~1 s
+    # when the program has not loaded it already); torch's own snapshots pay the same.
+    resolved = iter(symbolize_tracebacks(captured) if captured else ())
+    # symbolize returns one dict per distinct frame, and a training loop repeats a few
+    # hundred distinct stacks: filter each distinct stack once, found by its frames' ids
+    filtered: dict[tuple[int, ...], list[dict]] = {}
+    out: list[list[dict]] = []
+    for tb in stacks:
+        if tb is None:
+            out.append([])
+            continue
+        frames = next(resolved)
+        ids = tuple(map(id, frames))
+        kept = filtered.get(ids)
+        if kept is None:
+            kept = filtered[ids] = [f for f in frames if f["filename"] not in _SKIP_FILES
+                                    and not f["filename"].startswith(_OWN_DIR)]
+        out.append(kept.copy())
+    return out
 
 
 _CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
@@ -137,7 +121,8 @@ class _StorageMode(TorchDispatchMode):
 
     def __init__(self, backend: "CpuBackend", custom_op_internals: bool) -> None:
         super().__init__()
-        self._backend = backend
+        self._observe = backend.observe
+        self._live = backend._live     # the backend's own dict, for the check below
         self._internals = custom_op_internals
 
     @classmethod
@@ -148,40 +133,62 @@ class _StorageMode(TorchDispatchMode):
         return _set_eval_frame is _no_eval_frame_hook
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        # One method, no helper: every op pays each Python call here, and each frame on the
+        # stack is one more for every stack capture under it to walk.
         prior = _set_eval_frame(None)
         try:
-            return self._dispatch(func, args, kwargs or {})
+            if kwargs is None:
+                kwargs = {}
+            if (self._internals and isinstance(func, OpOverload)
+                    and func.namespace not in ("aten", "prims") and _plain_cpu(args)):
+                with self:
+                    out = func.redispatch(_CPU_KEYS, *args, **kwargs)
+            else:
+                out = func(*args, **kwargs)
+            observe = self._observe
+            if isinstance(out, torch.Tensor):
+                # Most outputs are views or in-place results on a storage already live at its
+                # size, for which observe does nothing: settle those here, without the call.
+                try:
+                    st = out.untyped_storage()
+                except (RuntimeError, NotImplementedError):  # no storage (sparse...): nothing to record
+                    st = None
+                if st is not None:
+                    a = self._live.get(st._cdata)
+                    if a is None or a.size != st.nbytes():
+                        observe(out, func, args)
+            elif isinstance(out, (tuple, list)):
+                for t in out:
+                    if isinstance(t, torch.Tensor):
+                        observe(t, func, args)
+                    elif isinstance(t, (tuple, list)):
+                        for u in t:
+                            if isinstance(u, torch.Tensor):
+                                observe(u, func, args)
+            return out
         finally:
             _set_eval_frame(prior)
 
-    def _dispatch(self, func: Any, args: tuple, kwargs: dict) -> Any:
-        if (self._internals and isinstance(func, OpOverload)
-                and func.namespace not in ("aten", "prims") and _plain_cpu(args)):
-            with self:
-                out = func.redispatch(_CPU_KEYS, *args, **kwargs)
-        else:
-            out = func(*args, **kwargs)
-        if isinstance(out, torch.Tensor):
-            self._backend.observe(out, func, args)
-        elif isinstance(out, (tuple, list)):
-            for t in out:
-                if isinstance(t, torch.Tensor):
-                    self._backend.observe(t, func, args)
-                elif isinstance(t, (tuple, list)):
-                    for u in t:
-                        if isinstance(u, torch.Tensor):
-                            self._backend.observe(u, func, args)
-        return out
 
+class _Allocation(weakref.ref):
+    """One storage's life, and the weak reference to that storage whose callback reports its
+    free. One object per allocation, not a record plus a reference: the program's GC scans
+    fewer objects, and the free callback finds everything on its argument. Fields are set by
+    :meth:`CpuBackend._track`, not a Python ``__init__`` (a call more per allocation); ``tag``
+    is updated in place by re-tags, the ``free_*`` fields when the storage dies. Times are
+    ``time.time_ns()``, made microseconds at dump."""
 
-class _StorageRef(weakref.ref):
-    """Weak reference to a recorded storage that carries its record: the free callback needs
-    both, and one object per allocation is cheaper than a closure over them. (Attributes are
-    set after construction: a Python ``__init__`` would cost more than the closure.)"""
-
-    __slots__ = ("key", "rec")
+    __slots__ = ("key", "size", "time_ns", "frames", "tag",
+                 "free_time_ns", "free_frames", "free_phase", "free_step")
     key: int
-    rec: AllocRecord
+    size: int
+    time_ns: int
+    frames: CapturedTraceback | None
+    tag: Tag
+    free_time_ns: int
+    free_frames: CapturedTraceback | None
+    free_phase: str     # "" while alive
+    free_step: int
 
 
 class CpuBackend:
@@ -194,23 +201,24 @@ class CpuBackend:
         self.stacks = stacks not in (None, "none", False)
         self.max_entries = max_entries
         self.ctx = TaggingContext(self)
+        # storage key -> its live allocation; the callbacks of allocations no longer here (freed,
+        # or recording stopped) do nothing
+        self._live: dict[int, _Allocation] = {}
+        self._on_free_callback = self._on_free   # one bound method, not one per allocation
         self._mode = _StorageMode(self, custom_op_internals)
-        # storage key -> weak reference to the storage whose callback reports the free; dropping
-        # the entry drops the reference, and with it the callback
-        self._live: dict[int, _StorageRef] = {}
-        self._preexisting: list[AllocRecord] = []
-        # allocs and frees in order: the record, and 1 (alloc) or 0 (free) in the byte array
+        self._preexisting: list[_Allocation] = []
+        # allocs and frees in order: the allocation, and 1 (alloc) or 0 (free) in the byte array
         # (one list append per event, no tuple: fewer objects for the program's GC to scan)
-        self._events: list[AllocRecord] = []
+        self._events: list[_Allocation] = []
         self._is_alloc = bytearray()
-        self._start_us = 0
+        self._start_ns = 0
         self._backward_entry = BackwardEntry()
         self.active = False
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self) -> None:
         """Begin recording on this thread (and the autograd threads it starts)."""
-        self._start_us = _now_us()
+        self._start_ns = time.time_ns()
         self.active = True
         self.ctx.install()
         self._mode.__enter__()
@@ -239,32 +247,34 @@ class CpuBackend:
         size = st.nbytes()
         hit = self._live.get(st._cdata)
         if hit is not None:
-            if hit.rec.size == size:
+            if hit.size == size:
                 return
             self._on_free(hit)   # resized in place: old block freed, new one made
         if size == 0:
             return
-        rec = AllocRecord(size, _now_us(), capture_stack() if self.stacks else None,
-                          self.ctx.tag_for(t, func, args))
-        self._track(st, rec)
-        self._events.append(rec)
+        a = self._track(st, size, time.time_ns(), capture_stack() if self.stacks else None,
+                        self.ctx.tag_for(t, func, args))
+        self._events.append(a)
         self._is_alloc.append(1)
 
-    def _track(self, st: torch.UntypedStorage, rec: AllocRecord) -> None:
-        ref = _StorageRef(st, self._on_free)
-        ref.key, ref.rec = st._cdata, rec
-        self._live[ref.key] = ref
+    def _track(self, st: torch.UntypedStorage, size: int, time_ns: int,
+               frames: CapturedTraceback | None, tag: Tag) -> _Allocation:
+        a = _Allocation(st, self._on_free_callback)
+        a.key, a.size, a.time_ns, a.frames, a.tag = st._cdata, size, time_ns, frames, tag
+        a.free_phase, a.free_step = "", -1
+        self._live[a.key] = a
+        return a
 
-    def _on_free(self, ref: "_StorageRef") -> None:
-        if self._live.get(ref.key) is not ref:
+    def _on_free(self, a: _Allocation) -> None:
+        live = self._live
+        if live.get(a.key) is not a:
             return
-        del self._live[ref.key]
-        rec = ref.rec
-        rec.free_time_us = _now_us()
-        rec.free_frames = capture_stack() if self.stacks else None
-        rec.free_phase = self.ctx.phase
-        rec.free_step = self.ctx.step
-        self._events.append(rec)
+        del live[a.key]
+        a.free_time_ns = time.time_ns()
+        a.free_frames = capture_stack() if self.stacks else None
+        a.free_phase = self.ctx.where()[1]
+        a.free_step = self.ctx.step
+        self._events.append(a)
         self._is_alloc.append(0)
 
     # -- TagListener ----------------------------------------------------------------------------
@@ -286,11 +296,9 @@ class CpuBackend:
         hit = self._live.get(st._cdata)
         if hit is None:
             tag.phase = "setup"
-            rec = AllocRecord(size, self._start_us, None, tag)
-            self._track(st, rec)
-            self._preexisting.append(rec)
+            self._preexisting.append(self._track(st, size, self._start_ns, None, tag))
             return
-        cur = hit.rec.tag
+        cur = hit.tag
         if tag.owner == tx.INPUT and cur.phase != "setup":
             return  # only tensors made outside the model's forward are inputs (not logits fed to a loss)
         if OWNER_PRIORITY[tag.owner] < OWNER_PRIORITY[cur.owner]:
@@ -304,11 +312,10 @@ class CpuBackend:
     def context_changed(self, ctx: TaggingContext) -> None:
         """On entering backward, live temporaries are kept by autograd (``lifetimes``); nothing
         to stamp on CPU, tags are made per storage."""
-        kept = self._backward_entry.kept_phase(ctx.phase)
+        kept = self._backward_entry.kept_phase(ctx.where()[1])
         if kept is not None:
-            for ref in list(self._live.values()):
-                rec = ref.rec
-                rec.tag.owner = owner_when_kept(rec.tag.owner, rec.tag.phase, kept)
+            for a in list(self._live.values()):
+                a.tag.owner = owner_when_kept(a.tag.owner, a.tag.phase, kept)
 
     # -- output ---------------------------------------------------------------------------------
     def snapshot(self) -> dict:
@@ -320,25 +327,23 @@ class CpuBackend:
 
     def _build_snapshot(self) -> dict:
         model = allocator.CachingAllocatorModel(allocator.AllocatorSettings(), device=0)
-        records = list(zip(b"\1" * len(self._preexisting) + self._is_alloc,
-                           self._preexisting + self._events))
-        frames = StackResolver(r.frames if is_alloc else r.free_frames for is_alloc, r in records)
+        events = list(zip(b"\1" * len(self._preexisting) + self._is_alloc,
+                          self._preexisting + self._events))
+        stacks = resolve_stacks([a.frames if is_alloc else a.free_frames for is_alloc, a in events])
         addr: dict[int, int] = {}
         metas: dict[tuple, str] = {}   # the same tag fields give the same JSON
-        for is_alloc, rec in records:
+        for (is_alloc, a), frames in zip(events, stacks):
             if is_alloc:
-                t = rec.tag
-                owner = final_owner(t.owner, t.phase, t.step, rec.free_phase, rec.free_step)
+                t = a.tag
+                owner = final_owner(t.owner, t.phase, t.step, a.free_phase, a.free_step)
                 key = (owner, t.module, t.phase, t.step, t.dtype, t.shape, t.param)
                 meta = metas.get(key)
                 if meta is None:
                     meta = metas[key] = Tag(*key).to_json()
-                addr[id(rec)] = model.malloc(rec.size, frames=frames(rec.frames), time_us=rec.time_us,
-                                             category=owner, user_metadata=meta, compile_context="N/A")
+                addr[id(a)] = model.malloc(a.size, frames=frames, time_us=a.time_ns // 1000,
+                                           category=owner, user_metadata=meta, compile_context="N/A")
             else:
-                a = addr.pop(id(rec), None)
-                if a is not None:
-                    model.free(a, frames=frames(rec.free_frames), time_us=rec.free_time_us)
+                model.free(addr.pop(id(a)), frames=frames, time_us=a.free_time_ns // 1000)
         snap = model.snapshot()
         snap[RECORDED_BY] = self.name
         trace = snap["device_traces"][0]
