@@ -203,6 +203,15 @@ class _BackwardStartHook:
             torch.autograd._engine_run_backward = self._original
 
 
+class _Swept(weakref.ref):
+    """A tensor a sweep re-tagged, with the owner it was given; its callback drops the entry.
+    One object per entry (not a tuple, a reference and a closure): fewer for the GC to scan."""
+
+    __slots__ = ("key", "owner")
+    key: int
+    owner: str
+
+
 class _ThreadState(threading.local):
     """Per thread: the modules entered, innermost last, as (path, autocast on at entry)."""
 
@@ -222,7 +231,8 @@ class TaggingContext:
         self._handles: list[Any] = []
         self._param_handles: dict[int, Any] = {}
         self._params: dict[int, tuple[weakref.ref, str]] = {}  # id -> (weakref, name)
-        self._swept: dict[int, tuple[weakref.ref, str]] = {}   # id -> (weakref, owner given)
+        self._swept: dict[int, _Swept] = {}                    # id -> the tensor and owner given
+        self._forget_swept_callback = self._forget_swept       # one bound method for all entries
         self._saved_hooks: Any = None
         self._optimizer_depth = 0
         self._backward_module = ""
@@ -471,16 +481,16 @@ class TaggingContext:
         leave with their tensor."""
         key = id(t)
         hit = self._swept.get(key)
-        if hit is not None and hit[1] == owner and hit[0]() is t:
+        if hit is not None and hit.owner == owner and hit() is t:
             return
-        swept = self._swept
-
-        def forget(ref: weakref.ref) -> None:
-            if swept.get(key, (None,))[0] is ref:
-                del swept[key]
-        swept[key] = (weakref.ref(t, forget), owner)
+        ref = self._swept[key] = _Swept(t, self._forget_swept_callback)
+        ref.key, ref.owner = key, owner
         param = self.param_name(of) if isinstance(of, torch.Tensor) else ""
         self._listener.retag(t, self._role(t, owner, param))
+
+    def _forget_swept(self, ref: _Swept) -> None:
+        if self._swept.get(ref.key) is ref:
+            del self._swept[ref.key]
 
     def sweep(self) -> None:
         """Re-tag everything known (called before a dump so late roles are not missed)."""
