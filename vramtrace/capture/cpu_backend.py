@@ -42,6 +42,19 @@ _SKIP_FILES = frozenset({
 _PARAM_OWNERS = frozenset({tx.WEIGHT, tx.TRAINABLE, tx.QUANT_STATE})
 
 
+class _LeftOut(dict):
+    """filename -> whether its frames are left out of recorded stacks (the tracker's own and
+    torch's dispatch plumbing), decided once per file: the dump asks for every frame of every
+    distinct stack."""
+
+    def __missing__(self, filename: str) -> bool:
+        out = self[filename] = filename in _SKIP_FILES or filename.startswith(_OWN_DIR)
+        return out
+
+
+_LEFT_OUT = _LeftOut()
+
+
 # capture_stack() -> CapturedTraceback: the caller's Python stack, captured natively as (code,
 # instruction) pairs. torch's own traceback capture (what the CUDA allocator records) walks the
 # frames in C++, ~4x faster than a Python loop over ``f_back``; names and lines are resolved once,
@@ -73,8 +86,7 @@ def resolve_stacks(stacks: list[CapturedTraceback | None]) -> list[list[dict]]:
         ids = tuple(map(id, frames))
         kept = filtered.get(ids)
         if kept is None:
-            kept = filtered[ids] = [f for f in frames if f["filename"] not in _SKIP_FILES
-                                    and not f["filename"].startswith(_OWN_DIR)]
+            kept = filtered[ids] = [f for f in frames if not _LEFT_OUT[f["filename"]]]
         out.append(kept.copy())
     return out
 
@@ -101,6 +113,9 @@ def _no_eval_frame_hook(callback: Any) -> None:
     return None
 
 
+_CUSTOM_KERNEL = object()   # a custom op whose kernel runs with the mode on (custom_op_internals)
+
+
 try:  # torch.compile's frame-evaluation hook (what torch._dynamo.disable switches off)
     from torch._C._dynamo.eval_frame import set_eval_frame as _set_eval_frame
 except ImportError:  # pragma: no cover - builds without dynamo
@@ -124,6 +139,10 @@ class _StorageMode(TorchDispatchMode):
         self._observe = backend.observe
         self._live = backend._live     # the backend's own dict, for the check below
         self._internals = custom_op_internals
+        # id(op) -> how to run it, decided once per op (keyed by id: OpOverload's __hash__ is a
+        # Python call); _ops keeps each op alive, so its id stays its own
+        self._runs: dict[int, Any] = {}
+        self._ops: list[Any] = []
 
     @classmethod
     def _should_skip_dynamo(cls) -> bool:
@@ -139,8 +158,12 @@ class _StorageMode(TorchDispatchMode):
         try:
             if kwargs is None:
                 kwargs = {}
-            if (self._internals and isinstance(func, OpOverload)
-                    and func.namespace not in ("aten", "prims") and _plain_cpu(args)):
+            run = self._runs.get(id(func))
+            if run is None:
+                run = self._runner(func)
+            if run is not _CUSTOM_KERNEL:
+                out = run(*args, **kwargs)
+            elif _plain_cpu(args):
                 with self:
                     out = func.redispatch(_CPU_KEYS, *args, **kwargs)
             else:
@@ -168,6 +191,18 @@ class _StorageMode(TorchDispatchMode):
             return out
         finally:
             _set_eval_frame(prior)
+
+    def _runner(self, func: Any) -> Any:
+        """What __torch_dispatch__ calls to run ``func``, or _CUSTOM_KERNEL."""
+        if self._internals and isinstance(func, OpOverload) and func.namespace not in ("aten", "prims"):
+            run = _CUSTOM_KERNEL
+        elif type(func) is OpOverload:
+            run = func._op   # what OpOverload.__call__ calls, without its Python frame
+        else:
+            run = func
+        self._runs[id(func)] = run
+        self._ops.append(func)
+        return run
 
 
 class _Allocation(weakref.ref):
