@@ -156,18 +156,17 @@ class _StorageMode(TorchDispatchMode):
         # stack is one more for every stack capture under it to walk.
         prior = _set_eval_frame(None)
         try:
-            if kwargs is None:
-                kwargs = {}
             run = self._runs.get(id(func))
             if run is None:
                 run = self._runner(func)
             if run is not _CUSTOM_KERNEL:
-                out = run(*args, **kwargs)
+                # most ops have no kwargs, and **{} would still build a dict per call
+                out = run(*args, **kwargs) if kwargs else run(*args)
             elif _plain_cpu(args):
                 with self:
-                    out = func.redispatch(_CPU_KEYS, *args, **kwargs)
+                    out = func.redispatch(_CPU_KEYS, *args, **(kwargs or {}))
             else:
-                out = func(*args, **kwargs)
+                out = func(*args, **(kwargs or {}))
             observe = self._observe
             if isinstance(out, torch.Tensor):
                 # Most outputs are views or in-place results on a storage already live at its
