@@ -93,6 +93,7 @@ def resolve_stacks(stacks: list[CapturedTraceback | None]) -> list[list[dict]]:
 
 _CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
 _PYTHON_KEY = torch._C.DispatchKey.Python
+_CUSTOM_KERNEL = object()   # a custom op whose kernel runs with the mode on (custom_op_internals)
 
 
 def _plain_cpu(args: tuple) -> bool:
@@ -113,9 +114,6 @@ def _no_eval_frame_hook(callback: Any) -> None:
     return None
 
 
-_CUSTOM_KERNEL = object()   # a custom op whose kernel runs with the mode on (custom_op_internals)
-
-
 try:  # torch.compile's frame-evaluation hook (what torch._dynamo.disable switches off)
     from torch._C._dynamo.eval_frame import set_eval_frame as _set_eval_frame
 except ImportError:  # pragma: no cover - builds without dynamo
@@ -123,7 +121,7 @@ except ImportError:  # pragma: no cover - builds without dynamo
 
 
 class _StorageMode(TorchDispatchMode):
-    """Reports every op output to the backend (the mode itself holds nothing).
+    """Reports every op output to the backend (the mode itself holds no tensor).
 
     A mode is switched off while its ``__torch_dispatch__`` runs, so the tensors a custom op's
     Python kernel makes inside (bitsandbytes' dequantized weight inside ``gemm_4bit``, its
@@ -269,7 +267,8 @@ class CpuBackend:
 
     # -- observation ----------------------------------------------------------------------------
     def observe(self, t: torch.Tensor, func: Any = None, args: tuple = ()) -> None:
-        """Record ``t``'s storage if it is new (called for each op output)."""
+        """Record ``t``'s storage if it is new (called for each op output, except those the mode
+        finds live already at their size)."""
         # is_meta first: reading .device builds a device object (a fake tensor is meta inside
         # but reports its fake device, so .device still decides)
         if not self.active or (t.is_meta and t.device.type == "meta"):
