@@ -50,7 +50,8 @@ def exact_block_sizes(trace: Trace, device: int) -> np.ndarray:
     thresholds = np.array([split_threshold(r, r <= K_SMALL_SIZE, settings) for r in rounded.tolist()],
                           np.int64)
     steps = np.flatnonzero(is_alloc | is_free | np.isin(action, _SEGMENT_EVENTS))
-    if thresholds.max() <= K_MIN_BLOCK and _aligned(trace, device, steps):
+    aligned = _aligned(trace, device, steps)
+    if thresholds.max() <= K_MIN_BLOCK and aligned:
         # every non-empty remainder is split off and all extents are multiples of 512 B, so
         # each block is its rounded request whatever the layout (small pool only, or
         # expandable segments)
@@ -59,7 +60,7 @@ def exact_block_sizes(trace: Trace, device: int) -> np.ndarray:
     if settings.expandable_segments:  # mapped pages are not tracked
         return sizes
     layout = start_layout(trace, device, settings)
-    if settings.large_segment_size != K_SMALL_BUFFER and _aligned(trace, device, steps):
+    if settings.large_segment_size != K_SMALL_BUFFER and aligned:
         # the small pool's blocks are their rounded requests (as above), and its segments
         # (K_SMALL_BUFFER each, a size no large segment has) never hold a large block: only
         # the large pool's extents need the replay, a fifth of the events of a typical file
