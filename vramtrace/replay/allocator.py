@@ -331,6 +331,12 @@ class CachingAllocatorModel:
         self._expandable: dict[tuple[int, bool], list[_ExpSeg]] = {}
         self._next_va = _SYNTHETIC_BASE
         self._c = _Counters()
+        # Decided once from the settings and capacity (fixed at construction), not per request:
+        # round_size without settings rounds to 512 B multiples, which is what the divisions
+        # do too when no interval has more than one
+        divided = any(d > 1 for d in self.settings.roundup_power2_divisions)
+        self._rounding = self.settings if divided else None
+        self._collects_garbage = capacity_bytes is not None and self.settings.garbage_collection_threshold > 0.0
 
     # ---- public counters -------------------------------------------------------------
     @property
@@ -363,12 +369,9 @@ class CachingAllocatorModel:
 
     # ---- recording -------------------------------------------------------------------
     def _rec(self, action: str, addr: int, size: int, stream: int, fields: dict | None) -> None:
-        if not self.record:
-            return
-        e = {"action": action, "addr": addr, "size": size, "stream": stream}
-        if fields:
-            e.update(fields)
-        self.trace.append(e)
+        if self.record:
+            self.trace.append({"action": action, "addr": addr, "size": size, "stream": stream,
+                               **(fields or {})})
 
     # ---- free-block index ------------------------------------------------------------
     def _insert_free(self, b: _Block) -> None:
@@ -398,20 +401,24 @@ class CachingAllocatorModel:
     # ---- malloc ----------------------------------------------------------------------
     def malloc(self, size: int, stream: int = 0, **fields: Any) -> int:
         """Allocate `size` bytes on `stream`; returns the block address."""
-        st = self.settings
-        rsize = round_size(size, st)
-        small = rsize <= K_SMALL_SIZE
-        pool = self._pools[small]
-        alloc_size = allocation_size(rsize, st)
+        rsize = round_size(size, self._rounding)
+        pool = self._pools[rsize <= K_SMALL_SIZE]
         block = self._get_free_block(pool, stream, rsize)
         if block is None:
-            if self.capacity_bytes is not None and st.garbage_collection_threshold > 0.0:
-                self._garbage_collect(fields)
-            block = (self._alloc_block(pool, stream, rsize, alloc_size, fields)
-                     or (self._release_available_cached_blocks(pool, stream, rsize, fields)
-                         and self._alloc_block(pool, stream, rsize, alloc_size, fields))
-                     or (self._release_cached_blocks(fields)
-                         and self._alloc_block(pool, stream, rsize, alloc_size, fields)))
+            block = self._block_from_device(pool, stream, rsize, fields)
+        return self._alloc_found_block(block, rsize, size, fields)
+
+    def _block_from_device(self, pool: _Pool, stream: int, rsize: int, fields: dict) -> _Block:
+        """No cached block fits: a new segment, after the allocator's retries (AllocatorOOM
+        when none succeeds)."""
+        alloc_size = allocation_size(rsize, self.settings)
+        if self._collects_garbage:
+            self._garbage_collect(fields)
+        block = (self._alloc_block(pool, stream, rsize, alloc_size, fields)
+                 or (self._release_available_cached_blocks(pool, stream, rsize, fields)
+                     and self._alloc_block(pool, stream, rsize, alloc_size, fields))
+                 or (self._release_cached_blocks(fields)
+                     and self._alloc_block(pool, stream, rsize, alloc_size, fields)))
         if not block:
             free = max(0, (self.capacity_bytes or 0) - self._c.reserved)
             if self.record:
@@ -419,11 +426,11 @@ class CachingAllocatorModel:
                 e.update(fields)
                 self.trace.append(e)
             raise AllocatorOOM(alloc_size, free, self._c.reserved, self._c.allocated)
-        return self._alloc_found_block(block, rsize, size, fields)
+        return block
 
     def _get_free_block(self, pool: _Pool, stream: int, size: int) -> _Block | None:
         st = self.settings
-        if self.capacity_bytes is not None and st.garbage_collection_threshold > 0.0:
+        if self._collects_garbage:
             pool.gc_calls += 1
         keys = pool.keys
         i = bisect.bisect_left(keys, (stream, size, -1))
@@ -455,11 +462,8 @@ class CachingAllocatorModel:
         self._remove_free(b)
         return b
 
-    def _should_split(self, b: _Block, size: int) -> bool:
-        return b.size - size >= split_threshold(size, b.small, self.settings)
-
     def _alloc_found_block(self, b: _Block, rsize: int, orig: int, fields: dict) -> int:
-        if self._should_split(b, rsize):
+        if b.size - rsize >= split_threshold(rsize, b.small, self.settings):  # should_split
             nb = _Block(b.addr, rsize, b.stream, b.small)
             nb.es = b.es
             nb.prev = b.prev
@@ -473,15 +477,18 @@ class CachingAllocatorModel:
             b = nb
         b.allocated = True
         b.requested = orig
-        b.fields = dict(fields) if fields else None
-        self._active[b.addr] = b
-        self._rec("alloc", b.addr, orig, b.stream, fields)
+        b.fields = fields or None   # malloc's own **fields dict, which nothing changes: no copy
+        addr = b.addr
+        self._active[addr] = b
+        self._rec("alloc", addr, orig, b.stream, fields)
         c = self._c
         c.allocated += b.size
         c.requested += orig
-        c.peak_allocated = max(c.peak_allocated, c.allocated)
-        c.peak_requested = max(c.peak_requested, c.requested)
-        return b.addr
+        if c.allocated > c.peak_allocated:
+            c.peak_allocated = c.allocated
+        if c.requested > c.peak_requested:
+            c.peak_requested = c.requested
+        return addr
 
     def _over_capacity(self, extra: int) -> bool:
         return self.capacity_bytes is not None and self._c.reserved + extra > self.capacity_bytes
@@ -506,7 +513,7 @@ class CachingAllocatorModel:
             return None
         addr = self._new_address(alloc_size, stream, pool.small)
         b = _Block(addr, alloc_size, stream, pool.small)
-        b.seg_fields = dict(fields) if fields else None
+        b.seg_fields = fields or None   # malloc's own **fields dict, which nothing changes: no copy
         self._grow_reserved(alloc_size)
         self._rec("segment_alloc", addr, alloc_size, stream, fields)
         return b
@@ -634,8 +641,7 @@ class CachingAllocatorModel:
         if not b.allocated:
             raise ValueError(f"double free of {addr:#x}")
         b.allocated = False
-        c = self._c
-        c.allocated -= b.size
+        self._c.allocated -= b.size
         ctx = self._free_context(b, fields)
         self._rec("free_requested", b.addr, b.requested, b.stream, ctx)
         if deferred:
@@ -652,16 +658,19 @@ class CachingAllocatorModel:
         ctx = self._free_context(b, fields)
         self._free_block(b, ctx)
 
-    @staticmethod
-    def _free_context(b: _Block, fields: dict) -> dict:
+    def _free_context(self, b: _Block, fields: dict) -> dict | None:
         """Like PyTorch, a free without its own context reports the allocation's (its stack,
-        metadata), but never the allocation's timestamp."""
-        ctx = dict(b.fields) if b.fields else {}
+        metadata), but never the allocation's timestamp. None when nothing is recorded."""
+        if not self.record:
+            return None
+        if not b.fields:
+            return fields
+        ctx = b.fields.copy()
         ctx.pop("time_us", None)
         ctx.update(fields)
         return ctx
 
-    def _free_block(self, b: _Block, ctx: dict) -> None:
+    def _free_block(self, b: _Block, ctx: dict | None) -> None:
         self._rec("free_completed", b.addr, b.requested, b.stream, ctx)
         del self._active[b.addr]
         self._c.requested -= b.requested
