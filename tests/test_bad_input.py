@@ -70,6 +70,9 @@ def _structural() -> dict[str, object]:
     bad_frame["device_traces"][0][1]["frames"] = [{"name": 3, "filename": None, "line": "x"}]
     frame_missing = S.modern()
     frame_missing["device_traces"][0][2]["frames"] = [{"name": "f"}]
+    unhashable_frame = S.modern()   # a list as a frame's name: cannot be a lookup key
+    for row in unhashable_frame["device_traces"][0] + unhashable_frame["segments"][0]["blocks"]:
+        row["frames"] = [{"name": ["f"], "filename": "a.py", "line": 1}]
     str_size = S.modern()
     str_size["device_traces"][0][1]["size"] = "big"
     huge_device = S.modern()
@@ -83,7 +86,8 @@ def _structural() -> dict[str, object]:
         "event-not-dict": {"segments": [], "device_traces": [[7]]},
         "bad-block-state": bad_state, "block-no-size": no_size, "event-no-action": no_action,
         "unknown-action": odd_action, "alloc-no-addr": no_addr, "bad-frame-types": bad_frame,
-        "frame-missing-keys": frame_missing, "size-is-text": str_size, "absurd-device": huge_device,
+        "frame-missing-keys": frame_missing, "frame-unhashable-name": unhashable_frame,
+        "size-is-text": str_size, "absurd-device": huge_device,
         "settings-not-dict": dict(S.modern(), allocator_settings=[1]),
     }
 

@@ -158,6 +158,11 @@ class Trace:
         """Interned id of a ``stack`` value: equal frame sequences get equal keys (-1: none)."""
         return self.stack_table.key(stack) if stack >= 0 else -1
 
+    def stack_keys(self, stacks: list[int]) -> list[int]:
+        """``stack_key`` of many ``stack`` values, interned together."""
+        keys = iter(self.stack_table.keys([s for s in stacks if s >= 0]))
+        return [next(keys) if s >= 0 else -1 for s in stacks]
+
     def tag_of(self, tag_id: int) -> Tag | None:
         return self.tags[tag_id] if tag_id >= 0 else None
 
@@ -253,26 +258,46 @@ class StackTable:
         return self.add([{"name": f.name, "filename": f.filename, "line": f.line} for f in frames])
 
     def key(self, raw: int) -> int:
-        sid = self._keys.get(raw)
-        if sid is None:
+        return self.keys([raw])[0]
+
+    def keys(self, raws: list[int]) -> list[int]:
+        """Interned ids of several raw stacks; one call for a report's thousand-odd live stacks
+        keeps the per-stack work in one loop without a method call per row or frame."""
+        known = self._keys
+        new = [r for r in dict.fromkeys(raws) if r not in known]
+        if new:
+            self._intern_stacks(new)
+        return list(map(known.__getitem__, raws))
+
+    def _intern_stacks(self, raws: list[int]) -> None:
+        # pickle shares frame dicts between stacks: look them up by identity first (the raw
+        # lists keep them alive, so ids stay unique), by content only when first met. A new
+        # stack holds a few unmet frame objects among ~60: finding them with list.index
+        # keeps the scan in C, where a Python loop over the whole stack cost more
+        by_object, frame_ids, stack_ids = self._by_object, self._frame_ids, self._stack_ids
+        by_identity = by_object.get
+        for raw in raws:
             frames = self._raw[raw]
             if not isinstance(frames, list):
                 raise SnapshotError("an event's 'frames' is not a list")
-            # pickle shares frame dicts between stacks: look them up by identity first (the raw
-            # lists keep them alive, so ids stay unique), by content only when first met. A new
-            # stack holds a few unmet frame objects among ~60: finding them with list.index
-            # keeps the scan in C, where a Python loop over the whole stack cost more
-            ids = list(map(self._by_object.get, map(id, frames)))
+            ids = list(map(by_identity, map(id, frames)))
             k = -1
             for _ in range(ids.count(None)):
                 k = ids.index(None, k + 1)
-                ids[k] = self._intern_frame(frames[k])
+                f = frames[k]
+                try:
+                    content = _FRAME_FIELDS(f)
+                    fid = frame_ids.get(content)
+                except (TypeError, KeyError):   # not a dict, a key missing, a value unhashable
+                    raise SnapshotError("a stack frame lacks a text name/filename or an integer line") from None
+                if fid is None:
+                    fid = self._new_frame(content)
+                ids[k] = by_object[id(f)] = fid
             ids = tuple(ids)
-            sid = self._stack_ids.setdefault(ids, len(self.stacks))
+            sid = stack_ids.setdefault(ids, len(self.stacks))
             if sid == len(self.stacks):
                 self.stacks.append(ids)
             self._keys[raw] = sid
-        return sid
 
     def frames_of(self, raw: int) -> list[Frame]:
         return [self.frames[f] for f in self.stacks[self.key(raw)]]
@@ -280,19 +305,12 @@ class StackTable:
     def raw(self, raw: int) -> list:
         return self._raw[raw]
 
-    def _intern_frame(self, f: Any) -> int:
-        try:
-            key = _FRAME_FIELDS(f)
-        except (TypeError, KeyError):
-            raise SnapshotError("a stack frame lacks name/filename/line") from None
-        fid = self._frame_ids.get(key)
-        if fid is None:
-            name, filename, line = key
-            if not isinstance(name, str) or not isinstance(filename, str) or not isinstance(line, int):
-                raise SnapshotError("a stack frame has a non-text name/filename or non-integer line")
-            fid = self._frame_ids[key] = len(self.frames)
-            self.frames.append(Frame(name, filename, line))
-        self._by_object[id(f)] = fid
+    def _new_frame(self, content: tuple) -> int:
+        name, filename, line = content
+        if not isinstance(name, str) or not isinstance(filename, str) or not isinstance(line, int):
+            raise SnapshotError("a stack frame has a non-text name/filename or non-integer line")
+        fid = self._frame_ids[content] = len(self.frames)
+        self.frames.append(Frame(name, filename, line))
         return fid
 
 

@@ -137,7 +137,7 @@ def _top_stacks(trace: Trace, stacks: list[int], sizes: list[int], attrs: list[A
         return []
     owners = list(map(attrgetter("owner"), attrs))
     owner_code = {o: i for i, o in enumerate(dict.fromkeys(owners))}
-    keys = np.array([trace.stack_key(s) for s in stacks], np.int64)
+    keys = np.array(trace.stack_keys(stacks), np.int64)
     group = (keys + 1) * len(owner_code) + np.fromiter(map(owner_code.__getitem__, owners), np.int64, len(owners))
     _, first, inverse = np.unique(group, return_index=True, return_inverse=True)
     total = np.zeros(len(first), np.int64)

@@ -103,7 +103,7 @@ class _Guesser:
         """Attribution of each row's stack (`before_trace`: the block predates the trace)."""
         out = [self._NO_STACK[b] for b in before_trace.tolist()]
         with_stack = np.flatnonzero(stacks >= 0).tolist()
-        keys = list(map(self.table.key, stacks[with_stack].tolist()))
+        keys = self.table.keys(stacks[with_stack].tolist())
         distinct = list(dict.fromkeys(keys))
         by_key = dict(zip(distinct, self._of_stacks(distinct)))
         for i, key in zip(with_stack, keys):
