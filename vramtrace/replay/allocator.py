@@ -14,7 +14,7 @@ CONTRACT (other modules code against this; the implementation fills it in):
     model.peak_reserved, model.peak_allocated
 
 `fields` are copied into the recorded trace entries (frames, time_us, category,
-user_metadata, compile_context). Addresses are synthetic (a fake cudaMalloc), unless a
+user_metadata, compile_context; never the entry's own action, addr, size, stream). Addresses are synthetic (a fake cudaMalloc), unless a
 segment address is forced (used when replaying a real trace).
 
 The rules follow the C++ source, not its comments:
@@ -459,7 +459,8 @@ class CachingAllocatorModel:
             return None
         if size >= limit and b.size >= size + st.max_non_split_rounding:
             return None
-        self._remove_free(b)
+        del keys[i]   # b's key: _remove_free without looking it up again
+        del self._free[b.addr]
         return b
 
     def _alloc_found_block(self, b: _Block, rsize: int, orig: int, fields: dict) -> int:
@@ -642,12 +643,16 @@ class CachingAllocatorModel:
             raise ValueError(f"double free of {addr:#x}")
         b.allocated = False
         self._c.allocated -= b.size
-        ctx = self._free_context(b, fields)
-        self._rec("free_requested", b.addr, b.requested, b.stream, ctx)
+        requested = self._rec_free("free_requested", b, fields)
         if deferred:
             b.pending = True
-        else:
-            self._free_block(b, ctx)
+            return
+        if requested is not None:
+            # the same context at the same moment: a copy of the entry, not a second build
+            completed = requested.copy()
+            completed["action"] = "free_completed"
+            self.trace.append(completed)
+        self._free_block(b)
 
     def complete_free(self, addr: int, **fields: Any) -> None:
         """Finish a deferred free (the recorded stream's work completed)."""
@@ -655,23 +660,24 @@ class CachingAllocatorModel:
         if not b.pending:
             raise ValueError(f"no pending free at {addr:#x}")
         b.pending = False
-        ctx = self._free_context(b, fields)
-        self._free_block(b, ctx)
+        self._rec_free("free_completed", b, fields)
+        self._free_block(b)
 
-    def _free_context(self, b: _Block, fields: dict) -> dict | None:
-        """Like PyTorch, a free without its own context reports the allocation's (its stack,
-        metadata), but never the allocation's timestamp. None when nothing is recorded."""
+    def _rec_free(self, action: str, b: _Block, fields: dict) -> dict | None:
+        """Record a free's trace entry and return it (None when not recording). Like PyTorch,
+        a free without its own context reports the allocation's (its stack, metadata), but
+        never the allocation's timestamp."""
         if not self.record:
             return None
-        if not b.fields:
-            return fields
-        ctx = b.fields.copy()
-        ctx.pop("time_us", None)
-        ctx.update(fields)
-        return ctx
+        e = {"action": action, "addr": b.addr, "size": b.requested, "stream": b.stream}
+        if b.fields:
+            e.update(b.fields)
+            e.pop("time_us", None)
+        e.update(fields)
+        self.trace.append(e)
+        return e
 
-    def _free_block(self, b: _Block, ctx: dict | None) -> None:
-        self._rec("free_completed", b.addr, b.requested, b.stream, ctx)
+    def _free_block(self, b: _Block) -> None:
         del self._active[b.addr]
         self._c.requested -= b.requested
         b.fields = None
