@@ -14,8 +14,9 @@ CONTRACT (other modules code against this; the implementation fills it in):
     model.peak_reserved, model.peak_allocated
 
 `fields` are copied into the recorded trace entries (frames, time_us, category,
-user_metadata, compile_context; never the entry's own action, addr, size, stream). Addresses are synthetic (a fake cudaMalloc), unless a
-segment address is forced (used when replaying a real trace).
+user_metadata, compile_context; never the entry's own action, addr, size, stream).
+Addresses are synthetic (a fake cudaMalloc), unless a segment address is forced (used when
+replaying a real trace).
 
 The rules follow the C++ source, not its comments:
 - sizes: `round_size` (512 B minimum, multiples of 512, or power-of-2 divisions);
