@@ -18,7 +18,7 @@ machine's noise; CPU time of the process (torch on one thread), not wall time, s
 processes on the machine do not count. Whole-step figures are best of N rounds, added times
 the median of per-round differences; ratios are within this one run. Exits 0; no timed asserts.
 
-    python benchmarks/bench_capture.py [--rounds 9] [--hidden 256] [--layers 4] [--seq 256] [--batch 4]
+    python benchmarks/bench_capture.py [--rounds 15] [--hidden 256] [--layers 4] [--seq 256] [--batch 4]
 """
 from __future__ import annotations
 
@@ -64,17 +64,18 @@ def build(args: argparse.Namespace) -> tuple[torch.nn.Module, torch.optim.Optimi
     return model, torch.optim.AdamW(model.parameters(), lr=1e-5), torch.randint(0, args.vocab, (args.batch, args.seq))
 
 
-def added(times: dict[str, list[float]], variant: str) -> float:
-    """Median over rounds of the variant's step time minus the untagged step of the same round:
-    paired differences cancel the machine's drift, which moves a best-of by more than a
-    tracker's cost on a step this size."""
+def added(times: dict[str, list[float]], variant: str) -> tuple[float, float, float]:
+    """Median and quartiles over rounds of the variant's step time minus the untagged step of
+    the same round: paired differences cancel the machine's drift, which moves a best-of by
+    more than a tracker's cost on a step this size (best-of differences came out negative)."""
     diffs = sorted(t - u for t, u in zip(times[variant], times["untagged"]))
-    return diffs[len(diffs) // 2]
+    n = len(diffs)
+    return diffs[n // 2], diffs[n // 4], diffs[(3 * n) // 4]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=9)
+    ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
@@ -156,10 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'ratio':<48}{'value':>7}  target")
     print(f"{'(a) hooks / untagged':<48}{best['hooks'] / best['untagged']:>7.3f}  <= 1.05")
     if "memtracker" in best:
-        ours, theirs = added(times, "cpu_backend"), added(times, "memtracker")
+        (ours, *ours_q), (theirs, *theirs_q) = added(times, "cpu_backend"), added(times, "memtracker")
         print(f"{'(b) time MemTracker adds / time cpu_backend adds':<48}"
               f"{theirs / ours if ours > 0 else float('inf'):>7.2f}  >= 5")
         print(f"{'    (added per step: cpu_backend, MemTracker)':<48}{ours:>7.3f} {theirs:.3f} s")
+        print(f"{'    (quartiles of those per-round differences)':<48}"
+              f"{ours_q[0]:>7.3f}-{ours_q[1]:.3f} {theirs_q[0]:.3f}-{theirs_q[1]:.3f} s")
         print(f"{'    whole step: memtracker / cpu_backend':<48}{best['memtracker'] / best['cpu_backend']:>7.2f}")
     else:
         print(f"(b) MemTracker could not run: {errors.get('memtracker', 'skipped (--no-memtracker)')}")
