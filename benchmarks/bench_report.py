@@ -3,9 +3,11 @@
     python benchmarks/bench_report.py [--events 1000000]
 
 Targets (issue 2): report time <= 2x the load time; extra peak memory < 3x the file size.
-Time: in-process, best of 5, load_trace + build_report (with the cyclic GC paused around both,
-as `vramtrace report` runs them: cli.READING_VERBS) vs pickle.load. Memory: each in a fresh
-process that has imported the same modules, peak RSS (VmHWM) of report minus that of load.
+Time: in-process, best of 7 rounds, load_trace + build_report (with the cyclic GC paused around
+both, as `vramtrace report` runs them: cli.READING_VERBS) vs pickle.load; each round times every
+variant once, interleaved, so slow spells of the machine hit both sides of a ratio. Memory: each
+in a fresh process that has imported the same modules, peak RSS (VmHWM) of report minus that of
+load.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from synthetic import write_synthetic  # noqa: E402
@@ -50,13 +53,15 @@ def without_gc(fn):
     return run
 
 
-def best_of(fn, n: int = 5) -> float:
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+def best_interleaved(fns: dict[str, Callable[[], None]], rounds: int = 7) -> dict[str, float]:
+    """Best time of each function over rounds that run every function once."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: min(ts) for name, ts in times.items()}
 
 
 def peak_rss(path: Path, mode: str) -> int:
@@ -76,16 +81,16 @@ def measure(path: Path) -> dict:
     def report():
         build_report(load_trace(path))
 
-    t_load = best_of(load)
-    t_report = best_of(without_gc(report))   # the command's way (see the docstring)
-    # pickle.load pays the cyclic GC, and how much depends on the heap the process has built
-    # up: on small files it moves pickle.load by 2x between runs. Paused for it too, the ratio
-    # is the work alone (shown for reading the figures; the target is on the plain ratio).
-    t_load_nogc, t_report_nogc = best_of(without_gc(load)), best_of(without_gc(report))
+    # report runs the command's way (see the docstring). pickle.load pays the cyclic GC, and
+    # how much depends on the heap the process has built up: on small files it moves
+    # pickle.load by 2x between runs. Paused for it too, the ratio is the work alone (shown for
+    # reading the figures; the target is on the plain ratio).
+    best = best_interleaved({"load": load, "report": without_gc(report), "load_nogc": without_gc(load)})
+    t_load, t_report, t_load_nogc = best["load"], best["report"], best["load_nogc"]
     extra = peak_rss(path, "report") - peak_rss(path, "load")
     size = path.stat().st_size
     return {"file": path.name, "bytes": size, "load_s": t_load, "report_s": t_report,
-            "time_ratio": t_report / t_load, "time_ratio_nogc": t_report_nogc / t_load_nogc,
+            "time_ratio": t_report / t_load, "time_ratio_nogc": t_report / t_load_nogc,
             "extra_rss": extra, "rss_ratio": extra / size}
 
 
