@@ -37,6 +37,20 @@ def test_json_report_figures(tagged_file):
     assert [(r["name"], r["bytes"]) for r in dev["by_owner_dtype"]] == [("activation bf16", 4096), ("weight int8", 1024)]
 
 
+def test_peak_times_are_given_from_the_trace_start(tmp_path):
+    snap = S.tagged()
+    start = 1_764_000_000_000_000        # torch writes wall-clock epoch microseconds
+    for k, e in enumerate(snap["device_traces"][0]):
+        e["time_us"] = start + k * 750_000
+    path = tmp_path / "timed.pkl"
+    path.write_bytes(pickle.dumps(snap, protocol=4))
+    dev = json.loads(run("report", path, "--format", "json").stdout)["devices"][0]
+    assert dev["time_start_us"] == start and dev["peak_allocated"]["index"] == 2
+    text = run("report", path).stdout
+    assert "after event 2, 1.500 s into the trace" in text
+    assert str(start)[:6] not in text
+
+
 @pytest.mark.parametrize("value, said", [("cpu", "cpu"), (["cpu"], None), ("gpu", None), ({}, None)])
 def test_recorded_by_is_read_only_when_it_names_a_recorder(tmp_path, value, said):
     snap = S.tagged()

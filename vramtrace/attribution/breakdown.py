@@ -68,6 +68,7 @@ def device_report(trace: Trace, tl: DeviceTimeline, at: str | int) -> dict:
         "device": tl.device,
         "events": tl.n_events,
         "time_span_s": float((times.max() - times.min()) / 1e6) if len(times) else None,
+        "time_start_us": int(times.min()) if len(times) else None,
         "at": {"point": str(at), "index": index, "time_us": tl.time_at(index)},
         "state": {
             "allocated": tl.at(index, "allocated"),

@@ -26,7 +26,7 @@ from vramtrace.render.flame import default_levels, flame_tree, group_level
 from vramtrace.render.flame_html import flame_section, html_page
 from vramtrace.render.flame_svg import group_color
 from vramtrace.render.report_text import BREAKDOWNS
-from vramtrace.render.units import fmt_bytes, fmt_seconds, fmt_share, fmt_signed_bytes
+from vramtrace.render.units import fmt_bytes, fmt_point, fmt_seconds, fmt_share, fmt_signed_bytes
 from vramtrace.replay.timeline import DeviceTimeline
 from vramtrace.snapshot.save import RECORDERS
 from vramtrace.trace import Action, Trace
@@ -97,8 +97,8 @@ def _summary(trace: Trace, dev: dict) -> str:
     rows = [
         ("device", f"{dev['device']} of {trace.n_devices}"),
         ("events", f"{dev['events']:,} over {fmt_seconds(dev['time_span_s'])}"),
-        ("peak allocated", _when(dev["peak_allocated"])),
-        ("peak reserved", _when(dev["peak_reserved"])),
+        ("peak allocated", fmt_point(dev["peak_allocated"], dev["time_start_us"])),
+        ("peak reserved", fmt_point(dev["peak_reserved"], dev["time_start_us"])),
         (f"at {at['point']} (event {at['index']})",
          f"{fmt_bytes(state['allocated'])} allocated ({fmt_bytes(state['requested'])} requested), "
          f"{fmt_bytes(state['reserved'])} reserved, {state['live_allocations']:,} live blocks"),
@@ -115,11 +115,6 @@ def _summary(trace: Trace, dev: dict) -> str:
         rows.append(("note", "the trace starts mid-run: blocks made before its first event come from the final state"))
     body = "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in rows)
     return f"<h2 id=summary>Summary</h2><table class=summary>{body}</table>"
-
-
-def _when(point: dict) -> str:
-    where = "before the first event" if point["index"] < 0 else f"after event {point['index']}"
-    return f"{fmt_bytes(point['bytes'])} {where}"
 
 
 def _timeline_section(trace: Trace, tl: DeviceTimeline, level: str) -> str:

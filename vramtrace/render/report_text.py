@@ -4,7 +4,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from vramtrace.render.units import fmt_bytes, fmt_seconds, fmt_share
+from vramtrace.render.units import fmt_bytes, fmt_point, fmt_seconds, fmt_share
 from vramtrace.snapshot.save import RECORDERS
 
 BREAKDOWNS = (("by_owner", "owner"), ("by_owner_dtype", "owner x dtype"),
@@ -31,8 +31,8 @@ def _device(dev: dict, console: Console) -> None:
     summary.add_column(style="bold")
     summary.add_column()
     summary.add_row("events", f"{dev['events']:,}  over {fmt_seconds(dev['time_span_s'])}")
-    summary.add_row("peak allocated", _when(dev["peak_allocated"]))
-    summary.add_row("peak reserved", _when(dev["peak_reserved"]))
+    summary.add_row("peak allocated", fmt_point(dev["peak_allocated"], dev["time_start_us"]))
+    summary.add_row("peak reserved", fmt_point(dev["peak_reserved"], dev["time_start_us"]))
     summary.add_row("at end", f"{fmt_bytes(dev['end']['allocated'])} allocated, "
                               f"{fmt_bytes(dev['end']['reserved'])} reserved in {dev['end']['segments']} segments")
     summary.add_row(f"at {at['point']} (event {at['index']})",
@@ -59,12 +59,6 @@ def _device(dev: dict, console: Console) -> None:
             label = "where (innermost user frame, guessed)"
         _breakdown(label, rows, console)
     _stacks(dev["top_stacks"], console)
-
-
-def _when(point: dict) -> str:
-    where = "before the first event" if point["index"] < 0 else f"after event {point['index']}"
-    return f"{fmt_bytes(point['bytes'])} {where}" + (
-        f" (t={point['time_us']} us)" if point["time_us"] is not None else "")
 
 
 def _breakdown(label: str, rows: list[dict], console: Console) -> None:

@@ -27,6 +27,15 @@ def fmt_seconds(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds:.3f} s"
 
 
+def fmt_point(point: dict, start_us: int | None) -> str:
+    """A peak of a report: its bytes, after which event, and how far into the trace (torch's
+    time_us are wall-clock epoch microseconds, meaningless to a reader as they stand)."""
+    where = "before the first event" if point["index"] < 0 else f"after event {point['index']}"
+    timed = point["time_us"] is not None and start_us is not None and point["index"] >= 0
+    return f"{fmt_bytes(point['bytes'])} {where}" + (
+        f", {fmt_seconds((point['time_us'] - start_us) / 1e6)} into the trace" if timed else "")
+
+
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2,
           "mib": 1 << 20, "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4, "tib": 1 << 40}
 
