@@ -46,9 +46,10 @@ def test_peak_times_are_given_from_the_trace_start(tmp_path):
     path.write_bytes(pickle.dumps(snap, protocol=4))
     dev = json.loads(run("report", path, "--format", "json").stdout)["devices"][0]
     assert dev["time_start_us"] == start and dev["peak_allocated"]["index"] == 2
-    text = run("report", path).stdout
-    assert "after event 2, 1.500 s into the trace" in text
-    assert str(start)[:6] not in text
+    for fmt in ("text", "md"):
+        shown = run("report", path, "--format", fmt).stdout
+        assert "after event 2, 1.500 s into the trace" in shown
+        assert str(start)[:6] not in shown
 
 
 @pytest.mark.parametrize("value, said", [("cpu", "cpu"), (["cpu"], None), ("gpu", None), ({}, None)])

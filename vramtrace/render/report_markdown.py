@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from vramtrace.render.report_text import BREAKDOWNS, recorded_by
-from vramtrace.render.units import fmt_bytes, fmt_share
+from vramtrace.render.units import fmt_bytes, fmt_point, fmt_share
 
 
 def render_markdown(report: dict) -> str:
@@ -14,8 +14,8 @@ def render_markdown(report: dict) -> str:
         out += [f"## device {dev['device']}", "",
                 "| figure | value |", "|---|---|",
                 f"| events | {dev['events']} |",
-                f"| peak allocated | {fmt_bytes(dev['peak_allocated']['bytes'])} (event {dev['peak_allocated']['index']}) |",
-                f"| peak reserved | {fmt_bytes(dev['peak_reserved']['bytes'])} (event {dev['peak_reserved']['index']}) |",
+                f"| peak allocated | {fmt_point(dev['peak_allocated'], dev['time_start_us'])} |",
+                f"| peak reserved | {fmt_point(dev['peak_reserved'], dev['time_start_us'])} |",
                 f"| at {at['point']} | {fmt_bytes(state['allocated'])} allocated, {fmt_bytes(state['reserved'])} reserved |",
                 f"| fragmentation | {fmt_bytes(state['fragmentation']['internal'])} internal, "
                 f"{fmt_bytes(state['fragmentation']['external'])} external |",
