@@ -381,12 +381,15 @@ class CachingAllocatorModel:
         b.gc_base = pool.gc_calls
         self._free[b.addr] = b
 
-    def _remove_free(self, b: _Block) -> None:
+    def _remove_free(self, b: _Block, at: int | None = None) -> None:
+        """Take ``b`` out of the free-block index (``at``: its position in its pool's keys, when
+        the caller has just found it there)."""
         keys = self._pools[b.small].keys
-        k = (b.stream, b.size, b.addr)
-        i = bisect.bisect_left(keys, k)
-        assert keys[i] == k, "free-block index out of sync"
-        del keys[i]
+        if at is None:
+            k = (b.stream, b.size, b.addr)
+            at = bisect.bisect_left(keys, k)
+            assert keys[at] == k, "free-block index out of sync"
+        del keys[at]
         del self._free[b.addr]
 
     def _insert_unmapped(self, b: _Block) -> None:
@@ -460,8 +463,7 @@ class CachingAllocatorModel:
             return None
         if size >= limit and b.size >= size + st.max_non_split_rounding:
             return None
-        del keys[i]   # b's key: _remove_free without looking it up again
-        del self._free[b.addr]
+        self._remove_free(b, at=i)
         return b
 
     def _alloc_found_block(self, b: _Block, rsize: int, orig: int, fields: dict) -> int:
