@@ -243,19 +243,11 @@ class StackTable:
     def __len__(self) -> int:
         return len(self._raw)
 
-    def add(self, frames: list) -> int:
-        self._raw.append(frames)
-        return len(self._raw) - 1
-
     def extend(self, many: list) -> int:
         """Append several raw stacks; returns the id of the first."""
         first = len(self._raw)
         self._raw.extend(many)
         return first
-
-    def add_frames(self, frames: list[Frame]) -> int:
-        """Add an already parsed stack (used by writers that build traces in memory)."""
-        return self.add([{"name": f.name, "filename": f.filename, "line": f.line} for f in frames])
 
     def key(self, raw: int) -> int:
         return self.keys([raw])[0]
