@@ -14,6 +14,7 @@ import functools
 import os
 import time
 import weakref
+from threading import get_ident
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from vramtrace.attribution import taxonomy as tx
 from vramtrace.capture.lifetimes import BackwardEntry, final_owner, owner_when_kept
-from vramtrace.capture.tagging import OWNER_PRIORITY, Tag, TaggingContext
+from vramtrace.capture.tagging import OWNER_PRIORITY, TO_COPY, Tag, TaggingContext, dtype_name
 from vramtrace.gcpause import gc_paused
 from vramtrace.replay import allocator
 from vramtrace.snapshot.save import RECORDED_BY
@@ -135,6 +136,7 @@ class _StorageMode(TorchDispatchMode):
     def __init__(self, backend: "CpuBackend", custom_op_internals: bool) -> None:
         super().__init__()
         self._observe = backend.observe
+        self._observe_storage = backend.observe_storage
         self._live = backend._live     # the backend's own dict, for the check below
         self._internals = custom_op_internals
         # id(op) -> how to run it, decided once per op (keyed by id: OpOverload's __hash__ is a
@@ -165,10 +167,9 @@ class _StorageMode(TorchDispatchMode):
                     out = func.redispatch(_CPU_KEYS, *args, **(kwargs or {}))
             else:
                 out = func(*args, **(kwargs or {}))
-            observe = self._observe
             if isinstance(out, torch.Tensor):
                 # Most outputs are views or in-place results on a storage already live at its
-                # size, for which observe does nothing: settle those here, without the call.
+                # size, with nothing to record: settle those here, without a call.
                 try:
                     st = out.untyped_storage()
                 except (RuntimeError, NotImplementedError):  # no storage (sparse...): nothing to record
@@ -176,8 +177,9 @@ class _StorageMode(TorchDispatchMode):
                 if st is not None:
                     a = self._live.get(st._cdata)
                     if a is None or a.size != st.nbytes():
-                        observe(out, func, args)
+                        self._observe_storage(out, st, func, args)
             elif isinstance(out, (tuple, list)):
+                observe = self._observe
                 for t in out:
                     if isinstance(t, torch.Tensor):
                         observe(t, func, args)
@@ -206,21 +208,29 @@ class _Allocation(weakref.ref):
     """One storage's life, and the weak reference to that storage whose callback reports its
     free. One object per allocation, not a record plus a reference: the program's GC scans
     fewer objects, and the free callback finds everything on its argument. Fields are set by
-    :meth:`CpuBackend._track`, not a Python ``__init__`` (a call more per allocation); ``tag``
-    is updated in place by re-tags, the ``free_*`` fields when the storage dies. Times are
-    ``time.time_ns()``, made microseconds at dump."""
+    :meth:`CpuBackend.observe_storage` / :meth:`CpuBackend._track`, not a Python ``__init__`` (a
+    call more per allocation). The tag is kept in parts and made a :class:`Tag` only at dump:
+    most allocations share the context (module, phase, step) the backend was last told, one
+    tuple for all of them. ``owner``, ``param`` and ``where`` change on re-tags, the ``free_*``
+    fields when the storage dies. Times are ``time.time_ns()``, made microseconds at dump."""
 
-    __slots__ = ("key", "size", "time_ns", "frames", "tag",
-                 "free_time_ns", "free_frames", "free_phase", "free_step")
+    __slots__ = ("key", "size", "time_ns", "frames", "owner", "where", "dtype", "shape", "param",
+                 "free_time_ns", "free_frames", "free_where")
     key: int
     size: int
     time_ns: int
     frames: CapturedTraceback | None
-    tag: Tag
+    owner: str
+    where: tuple[str, str, int]       # module, phase, step when made
+    dtype: str
+    shape: tuple[int, ...]            # a torch.Size for storages seen as an op's output
+    param: str
     free_time_ns: int
     free_frames: CapturedTraceback | None
-    free_phase: str     # "" while alive
-    free_step: int
+    free_where: tuple[str, str, int]  # _ALIVE while alive
+
+
+_ALIVE = ("", "", -1)
 
 
 class CpuBackend:
@@ -245,6 +255,9 @@ class CpuBackend:
         self._is_alloc = bytearray()
         self._start_ns = 0
         self._backward_entry = BackwardEntry()
+        # (thread, (module, phase, step)) last announced by the tagging context, or None where
+        # it does not announce every change (see _where)
+        self._context: tuple[int, tuple[str, str, int]] | None = None
         self.active = False
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -253,6 +266,7 @@ class CpuBackend:
         self._start_ns = time.time_ns()
         self.active = True
         self.ctx.install()
+        self._remember_context()
         self._mode.__enter__()
 
     def stop(self) -> None:
@@ -267,15 +281,20 @@ class CpuBackend:
 
     # -- observation ----------------------------------------------------------------------------
     def observe(self, t: torch.Tensor, func: Any = None, args: tuple = ()) -> None:
-        """Record ``t``'s storage if it is new (called for each op output, except those the mode
-        finds live already at their size)."""
-        # is_meta first: reading .device builds a device object (a fake tensor is meta inside
-        # but reports its fake device, so .device still decides)
-        if not self.active or (t.is_meta and t.device.type == "meta"):
-            return
+        """Record ``t``'s storage if it is new (called for each tensor in an op's output list)."""
         try:
             st = t.untyped_storage()
         except (RuntimeError, NotImplementedError):  # sparse/nested/wrapper tensors: no storage
+            return
+        self.observe_storage(t, st, func, args)
+
+    def observe_storage(self, t: torch.Tensor, st: torch.UntypedStorage, func: Any = None,
+                        args: tuple = ()) -> None:
+        """Record storage ``st`` of op output ``t`` if it is new (the mode calls this directly for
+        a single output it does not find live at its size)."""
+        # is_meta first: reading .device builds a device object (a fake tensor is meta inside
+        # but reports its fake device, so .device still decides)
+        if not self.active or (t.is_meta and t.device.type == "meta"):
             return
         size = st.nbytes()
         hit = self._live.get(st._cdata)
@@ -285,16 +304,19 @@ class CpuBackend:
             self._on_free(hit)   # resized in place: old block freed, new one made
         if size == 0:
             return
-        a = self._track(st, size, time.time_ns(), capture_stack() if self.stacks else None,
-                        self.ctx.tag_for(t, func, args))
+        a = self._track(st, size, time.time_ns(), capture_stack() if self.stacks else None, t)
+        a.param = self.ctx.autocast_param(func, args) if func is TO_COPY else ""
+        a.owner = tx.AUTOCAST if a.param else tx.TEMPORARY
+        a.where = self._where()
         self._events.append(a)
         self._is_alloc.append(1)
 
     def _track(self, st: torch.UntypedStorage, size: int, time_ns: int,
-               frames: CapturedTraceback | None, tag: Tag) -> _Allocation:
+               frames: CapturedTraceback | None, t: torch.Tensor) -> _Allocation:
+        """A live allocation of ``st`` (owner, param and where are the caller's to set)."""
         a = _Allocation(st, self._on_free_callback)
-        a.key, a.size, a.time_ns, a.frames, a.tag = st._cdata, size, time_ns, frames, tag
-        a.free_phase, a.free_step = "", -1
+        a.key, a.size, a.time_ns, a.frames = st._cdata, size, time_ns, frames
+        a.dtype, a.shape, a.free_where = t.dtype, t.shape, _ALIVE
         self._live[a.key] = a
         return a
 
@@ -305,10 +327,24 @@ class CpuBackend:
         del live[a.key]
         a.free_time_ns = time.time_ns()
         a.free_frames = capture_stack() if self.stacks else None
-        a.free_phase = self.ctx.where()[1]
-        a.free_step = self.ctx.step
+        a.free_where = self._where()
         self._events.append(a)
         self._is_alloc.append(0)
+
+    def _where(self) -> tuple[str, str, int]:
+        """(module, phase, step) of an allocation or free made now on this thread: the context
+        last announced, when it was announced on this thread and every change is announced."""
+        told = self._context
+        if told is not None and told[0] == get_ident():
+            return told[1]
+        module, phase = self.ctx.where()
+        return module, phase, self.ctx.step
+
+    def _remember_context(self) -> tuple[str, str, int]:
+        module, phase = self.ctx.where()
+        where = (module, phase, self.ctx.step)
+        self._context = (get_ident(), where) if self.ctx.announces_changes else None
+        return where
 
     # -- TagListener ----------------------------------------------------------------------------
     def retag(self, tensor: torch.Tensor, tag: Tag) -> None:
@@ -328,27 +364,27 @@ class CpuBackend:
             return
         hit = self._live.get(st._cdata)
         if hit is None:
-            tag.phase = "setup"
-            self._preexisting.append(self._track(st, size, self._start_ns, None, tag))
+            a = self._track(st, size, self._start_ns, None, tensor)
+            a.owner, a.param, a.where = tag.owner, tag.param, (tag.module, "setup", tag.step)
+            self._preexisting.append(a)
             return
-        cur = hit.tag
-        if tag.owner == tx.INPUT and cur.phase != "setup":
+        if tag.owner == tx.INPUT and hit.where[1] != "setup":
             return  # only tensors made outside the model's forward are inputs (not logits fed to a loss)
-        if OWNER_PRIORITY[tag.owner] < OWNER_PRIORITY[cur.owner]:
+        if OWNER_PRIORITY[tag.owner] < OWNER_PRIORITY[hit.owner]:
             return
-        cur.owner = tag.owner
+        hit.owner = tag.owner
         if tag.param:
-            cur.param = tag.param
+            hit.param = tag.param
         if tag.owner in _PARAM_OWNERS and tag.module:
-            cur.module = tag.module
+            hit.where = (tag.module, *hit.where[1:])
 
     def context_changed(self, ctx: TaggingContext) -> None:
-        """On entering backward, live temporaries are kept by autograd (``lifetimes``); nothing
-        to stamp on CPU, tags are made per storage."""
-        kept = self._backward_entry.kept_phase(ctx.where()[1])
+        """Remember the new context for the allocations that follow. On entering backward, live
+        temporaries are kept by autograd (``lifetimes``)."""
+        kept = self._backward_entry.kept_phase(self._remember_context()[1])
         if kept is not None:
             for a in list(self._live.values()):
-                a.tag.owner = owner_when_kept(a.tag.owner, a.tag.phase, kept)
+                a.owner = owner_when_kept(a.owner, a.where[1], kept)
 
     # -- output ---------------------------------------------------------------------------------
     def snapshot(self) -> dict:
@@ -367,12 +403,13 @@ class CpuBackend:
         metas: dict[tuple, str] = {}   # the same tag fields give the same JSON
         for (is_alloc, a), frames in zip(events, stacks):
             if is_alloc:
-                t = a.tag
-                owner = final_owner(t.owner, t.phase, t.step, a.free_phase, a.free_step)
-                key = (owner, t.module, t.phase, t.step, t.dtype, t.shape, t.param)
+                where, freed = a.where, a.free_where
+                owner = final_owner(a.owner, where[1], where[2], freed[1], freed[2])
+                key = (owner, where, a.dtype, a.shape, a.param)
                 meta = metas.get(key)
                 if meta is None:
-                    meta = metas[key] = Tag(*key).to_json()
+                    meta = metas[key] = Tag(owner, *where, dtype_name(a.dtype), tuple(a.shape),
+                                            a.param).to_json()
                 addr[id(a)] = model.malloc(a.size, frames=frames, time_us=a.time_ns // 1000,
                                            category=owner, user_metadata=meta, compile_context="N/A")
             else:

@@ -3,8 +3,8 @@
 A :class:`TaggingContext` installs global hooks (module forward pre/post, optimizer step pre/post,
 autograd saved-tensor pack hooks, post-accumulate-grad hooks) and keeps track of *where* the
 program is: module path, phase (setup / forward / backward / recompute / optimizer) and optimizer
-step. From that it produces the tag of a new allocation (:meth:`TaggingContext.tag_for`) and the
-thread's current context string (:meth:`TaggingContext.context_json`, what the CUDA backend
+step. From that it produces the context of a new allocation (:meth:`TaggingContext.where`) and
+the thread's current context string (:meth:`TaggingContext.context_json`, what the CUDA backend
 stamps with ``torch.cuda.memory._set_memory_metadata``).
 
 Roles that become known only after an allocation was made (saved for backward, became ``.grad``,
@@ -39,7 +39,7 @@ OWNER_PRIORITY: dict[str, int] = {
     tx.AUTOCAST: 50, tx.INPUT: 40, tx.ACTIVATION: 30, tx.TEMPORARY: 10, tx.UNKNOWN: 0,
 }
 
-_TO_COPY = torch.ops.aten._to_copy.default   # the op autocast casts a weight with
+TO_COPY = torch.ops.aten._to_copy.default   # the op autocast casts a weight with
 
 
 class _DtypeNames(dict):
@@ -178,12 +178,12 @@ class _BackwardStartHook:
     def __init__(self, starts: Any, started: Any, ended: Any) -> None:
         self._starts, self._started, self._ended = starts, started, ended
         self._original = getattr(torch.autograd, "_engine_run_backward", None)
-        self._active = self._original is not None   # without it, module hooks stamp backward alone
-        if self._active:
+        self.active = self._original is not None   # without it, module hooks stamp backward alone
+        if self.active:
             torch.autograd._engine_run_backward = self._run_backward
 
     def _run_backward(self, t_outputs: Any, *args: Any, **kwargs: Any) -> Any:
-        if not self._active:
+        if not self.active:
             return self._original(t_outputs, *args, **kwargs)
         token = self._starts()
         roots = {id(t.grad_fn): t.grad_fn for t in t_outputs if getattr(t, "grad_fn", None) is not None}
@@ -196,9 +196,9 @@ class _BackwardStartHook:
             self._ended(token)
 
     def remove(self) -> None:
-        if not self._active:
+        if not self.active:
             return
-        self._active = False
+        self.active = False
         if torch.autograd._engine_run_backward == self._run_backward:
             torch.autograd._engine_run_backward = self._original
 
@@ -234,6 +234,7 @@ class TaggingContext:
         self._swept: dict[int, _Swept] = {}                    # id -> the tensor and owner given
         self._forget_swept_callback = self._forget_swept       # one bound method for all entries
         self._saved_hooks: Any = None
+        self._backward_hook: _BackwardStartHook | None = None
         self._optimizer_depth = 0
         self._backward_module = ""
         self.step = 0
@@ -267,22 +268,22 @@ class TaggingContext:
         """The context string the CUDA backend stamps as thread-local memory metadata."""
         return self.context_tag().to_json()
 
-    def tag_for(self, tensor: torch.Tensor, func: Any = None, args: tuple = ()) -> Tag:
-        """Tag of a storage first seen as the output ``tensor`` of op ``func`` (called with ``args``).
-
-        Owner is ``temporary`` unless the op is autocast's cast of a parameter (``autocast``);
-        later roles arrive as re-tags.
-        """
-        tag = Tag(tx.TEMPORARY, *self.where(), self.step, _DTYPE_NAMES[tensor.dtype], tuple(tensor.shape))
-        if func is not _TO_COPY:
-            return tag
+    def autocast_param(self, func: Any, args: tuple) -> str:
+        """Name of the parameter that op ``func`` (called with ``args``) copies, if it is
+        autocast's cast of a parameter inside a module entered with autocast on; else ""."""
+        if func is not TO_COPY:
+            return ""
         st = self._tls.stack
-        if (st and st[-1][1] and args
-                and isinstance(args[0], torch.Tensor)):
-            param = self.param_name(args[0])
-            if param:
-                tag.owner, tag.param = tx.AUTOCAST, param
-        return tag
+        if st and st[-1][1] and args and isinstance(args[0], torch.Tensor):
+            return self.param_name(args[0])
+        return ""
+
+    @property
+    def announces_changes(self) -> bool:
+        """Whether every change of :meth:`where` reaches the listener's ``context_changed``
+        (installed, and torch lets backward passes be hooked: older torch announces backward
+        only at the first module's gradients), so a listener may keep the last one it was told."""
+        return self._backward_hook is not None and self._backward_hook.active
 
     def param_name(self, t: torch.Tensor) -> str:
         """Name of parameter ``t`` in its tracked model, "" if it is not one."""
@@ -299,8 +300,10 @@ class TaggingContext:
             _nn_module.register_module_forward_hook(self._fwd_post, always_call=True),
             _optim_mod.register_optimizer_step_pre_hook(self._opt_pre),
             _optim_mod.register_optimizer_step_post_hook(self._opt_post),
-            _BackwardStartHook(self._backward_starts, self._backward_started, self._backward_ended),
         ]
+        self._backward_hook = _BackwardStartHook(self._backward_starts, self._backward_started,
+                                                 self._backward_ended)
+        self._handles.append(self._backward_hook)
         self._saved_hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._saved_hooks.__enter__()
 
@@ -309,6 +312,7 @@ class TaggingContext:
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._backward_hook = None
         for h in self._param_handles.values():
             h.remove()
         self._param_handles = {}

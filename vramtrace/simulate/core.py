@@ -46,9 +46,10 @@ class SimBackend(CpuBackend):
         self._managed.add(st._cdata)
         self.managed_bytes += st.nbytes()
 
-    def observe(self, t: torch.Tensor, func: Any = None, args: tuple = ()) -> None:
-        if not self._managed or t.untyped_storage()._cdata not in self._managed:
-            super().observe(t, func, args)
+    def observe_storage(self, t: torch.Tensor, st: torch.UntypedStorage, func: Any = None,
+                        args: tuple = ()) -> None:
+        if not self._managed or st._cdata not in self._managed:
+            super().observe_storage(t, st, func, args)
 
     def retag(self, tensor: torch.Tensor, tag: Tag) -> None:
         if not self._managed or tensor.untyped_storage()._cdata not in self._managed:
