@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import json
 import sys
 import time
 from pathlib import Path
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--no-memtracker", action="store_true", help="skip (b)'s MemTracker side")
+    ap.add_argument("--json", metavar="FILE", help="also write each variant's per-round times here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)   # a shared 2-core machine: one thread keeps the variants comparable
     model, opt, x = build(args)
@@ -144,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, fn in variants.items():
             times[name].append(fn())
     best = {name: min(ts) for name, ts in times.items()}
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "times": times}, indent=1))
 
     print(f"Llama hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, seq {args.seq}, "
           f"batch {args.batch}, AdamW, fp32, full fine-tune; best of {args.rounds} interleaved rounds "

@@ -215,7 +215,7 @@ class _Allocation(weakref.ref):
     fields when the storage dies. Times are ``time.time_ns()``, made microseconds at dump."""
 
     __slots__ = ("key", "size", "time_ns", "frames", "owner", "where", "dtype", "shape", "param",
-                 "free_time_ns", "free_frames", "free_where")
+                 "free_time_ns", "free_frames", "free_where", "addr")
     key: int
     size: int
     time_ns: int
@@ -228,6 +228,7 @@ class _Allocation(weakref.ref):
     free_time_ns: int
     free_frames: CapturedTraceback | None
     free_where: tuple[str, str, int]  # _ALIVE while alive
+    addr: int                         # in the allocator model, set by each dump
 
 
 _ALIVE = ("", "", -1)
@@ -399,21 +400,23 @@ class CpuBackend:
         events = list(zip(b"\1" * len(self._preexisting) + self._is_alloc,
                           self._preexisting + self._events))
         stacks = resolve_stacks([a.frames if is_alloc else a.free_frames for is_alloc, a in events])
-        addr: dict[int, int] = {}
         metas: dict[tuple, str] = {}   # the same tag fields give the same JSON
+        malloc, free, temporary = model.malloc, model.free, tx.TEMPORARY
         for (is_alloc, a), frames in zip(events, stacks):
             if is_alloc:
-                where, freed = a.where, a.free_where
-                owner = final_owner(a.owner, where[1], where[2], freed[1], freed[2])
+                owner, where = a.owner, a.where
+                if owner == temporary:   # the one owner its free can change
+                    freed = a.free_where
+                    owner = final_owner(owner, where[1], where[2], freed[1], freed[2])
                 key = (owner, where, a.dtype, a.shape, a.param)
                 meta = metas.get(key)
                 if meta is None:
                     meta = metas[key] = Tag(owner, *where, dtype_name(a.dtype), tuple(a.shape),
                                             a.param).to_json()
-                addr[id(a)] = model.malloc(a.size, frames=frames, time_us=a.time_ns // 1000,
-                                           category=owner, user_metadata=meta, compile_context="N/A")
+                a.addr = malloc(a.size, frames=frames, time_us=a.time_ns // 1000,
+                                category=owner, user_metadata=meta, compile_context="N/A")
             else:
-                model.free(addr.pop(id(a)), frames=frames, time_us=a.free_time_ns // 1000)
+                free(a.addr, frames=frames, time_us=a.free_time_ns // 1000)
         snap = model.snapshot()
         snap[RECORDED_BY] = self.name
         trace = snap["device_traces"][0]
