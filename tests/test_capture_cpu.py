@@ -2,6 +2,7 @@
 torch.profiler (the tracker sees the same bytes and does not change them)."""
 from __future__ import annotations
 
+import itertools
 import json
 import pickle
 import subprocess
@@ -211,6 +212,49 @@ def test_tracker_keeps_nothing_alive(tmp_path: Path) -> None:
         assert ref() is None
     trace = read_raw(tmp_path / "t.pkl")["device_traces"][0]
     assert [e["action"] for e in trace if e.get("size") == 4000] == ["alloc", "free_requested", "free_completed"]
+
+
+def test_backward_keeps_nothing_alive(tmp_path: Path) -> None:
+    """The stack shared by the engine's ops holds the engine's frame, whose locals hold the
+    loss: it must be let go when the pass ends."""
+    m, _, x = tiny_llama()
+    with vramtrace.record(tmp_path / "b.pkl", backend="cpu"):
+        loss = m(input_ids=x, labels=x).loss
+        loss.backward()
+        ref = weakref.ref(loss)
+        del loss
+        assert ref() is None
+
+
+def test_stacks_shared_in_backward_are_the_ones_each_event_would_capture(tmp_path: Path,
+                                                                          monkeypatch) -> None:
+    """Backward events under the engine's frame reuse one captured stack: every event's
+    frames are those capturing at each event gives (the reuse switched off by hiding the
+    engine's code), with a checkpoint's recompute and a Python gradient hook that allocates
+    between the engine's own ops."""
+    from vramtrace.capture import cpu_backend
+
+    def frames_of_a_step(path: Path) -> list[list[tuple]]:
+        m, opt, x = tiny_llama()
+        m.gradient_checkpointing_enable()
+        w = torch.randn(64, 64, requires_grad=True)
+        with vramtrace.record(path, backend="cpu"):
+            step(m, opt, x)
+            h = w * 2
+            h.register_hook(lambda g: g * 3)
+            (h * h).sum().backward()
+        # up to this function: the callers' lines differ between the two calls
+        return [list(itertools.takewhile(lambda fr: fr[2] != "frames_of_a_step",
+                                         ((f["filename"], f["line"], f["name"]) for f in e["frames"])))
+                for e in read_raw(path)["device_traces"][0] if "frames" in e]
+
+    shared = frames_of_a_step(tmp_path / "shared.pkl")
+    monkeypatch.setattr(cpu_backend, "_ENGINE_CODE", None)
+    each = frames_of_a_step(tmp_path / "each.pkl")
+    engine = [fr for fr in each if fr and fr[0][2] == "_engine_run_backward"]
+    assert len(engine) > len(each) // 4     # the case is there to share
+    assert any(fr and fr[0][2] == "<lambda>" for fr in each)
+    assert shared == each
 
 
 def test_recording_sees_inside_custom_op_kernels(tmp_path: Path) -> None:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 import weakref
 from threading import get_ident
+from types import FrameType
 from typing import Any
 
 import torch
@@ -23,7 +25,7 @@ from torch._ops import OpOverload
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from vramtrace.attribution import taxonomy as tx
-from vramtrace.capture.lifetimes import BackwardEntry, final_owner, owner_when_kept
+from vramtrace.capture.lifetimes import IN_BACKWARD, BackwardEntry, final_owner, owner_when_kept
 from vramtrace.capture.tagging import OWNER_PRIORITY, TO_COPY, Tag, TaggingContext, dtype_name
 from vramtrace.gcpause import gc_paused
 from vramtrace.replay import allocator
@@ -64,6 +66,10 @@ _LEFT_OUT = _LeftOut()
 # create (and walk), with one capture per allocation and per free.
 capture_stack = functools.partial(gather_traceback, True, False, False)
 
+# The frame the autograd engine's C++ loop runs under: every op it runs itself has this frame,
+# at the same instruction, as the program's innermost one (None where torch has no such function).
+_ENGINE_CODE = getattr(getattr(torch.autograd.graph, "_engine_run_backward", None), "__code__", None)
+
 
 def resolve_stacks(stacks: list[CapturedTraceback | None]) -> list[list[dict]]:
     """Frame lists (snapshot format, innermost first) of captured stacks, in one native call:
@@ -71,25 +77,22 @@ def resolve_stacks(stacks: list[CapturedTraceback | None]) -> list[list[dict]]:
 
     The tracker's own frames and torch's dispatch plumbing are left out. Identical frames are
     one dict object, so the pickle stores each once."""
-    captured = [tb for tb in stacks if tb is not None]
+    # the backend hands the same traceback object to many events (see CpuBackend._capture)
+    unique = list({id(tb): tb for tb in stacks if tb is not None}.values())
     # Symbolizing imports torch's fx/dynamo machinery on first use in a process (~1 s
     # when the program has not loaded it already); torch's own snapshots pay the same.
-    resolved = iter(symbolize_tracebacks(captured) if captured else ())
+    resolved = symbolize_tracebacks(unique) if unique else []
     # symbolize returns one dict per distinct frame, and a training loop repeats a few
     # hundred distinct stacks: filter each distinct stack once, found by its frames' ids
     filtered: dict[tuple[int, ...], list[dict]] = {}
-    out: list[list[dict]] = []
-    for tb in stacks:
-        if tb is None:
-            out.append([])
-            continue
-        frames = next(resolved)
+    kept_of: dict[int, list[dict]] = {}
+    for tb, frames in zip(unique, resolved):
         ids = tuple(map(id, frames))
         kept = filtered.get(ids)
         if kept is None:
             kept = filtered[ids] = [f for f in frames if not _LEFT_OUT[f["filename"]]]
-        out.append(kept.copy())
-    return out
+        kept_of[id(tb)] = kept
+    return [[] if tb is None else kept_of[id(tb)].copy() for tb in stacks]
 
 
 _CPU_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
@@ -259,6 +262,9 @@ class CpuBackend:
         # (thread, (module, phase, step)) last announced by the tagging context, or None where
         # it does not announce every change (see _where)
         self._context: tuple[int, tuple[str, str, int]] | None = None
+        # (engine frame, its instruction, the stack captured there) until the next context
+        # change (see _capture)
+        self._engine_stack: tuple[FrameType, int, CapturedTraceback] | None = None
         self.active = False
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -279,6 +285,7 @@ class CpuBackend:
         self.ctx.uninstall()
         self.active = False
         self._live.clear()
+        self._engine_stack = None
 
     # -- observation ----------------------------------------------------------------------------
     def observe(self, t: torch.Tensor, func: Any = None, args: tuple = ()) -> None:
@@ -305,7 +312,7 @@ class CpuBackend:
             self._on_free(hit)   # resized in place: old block freed, new one made
         if size == 0:
             return
-        a = self._track(st, size, time.time_ns(), capture_stack() if self.stacks else None, t)
+        a = self._track(st, size, time.time_ns(), self._capture(), t)
         a.param = self.ctx.autocast_param(func, args) if func is TO_COPY else ""
         a.owner = tx.AUTOCAST if a.param else tx.TEMPORARY
         a.where = self._where()
@@ -327,10 +334,35 @@ class CpuBackend:
             return
         del live[a.key]
         a.free_time_ns = time.time_ns()
-        a.free_frames = capture_stack() if self.stacks else None
+        a.free_frames = self._capture()
         a.free_where = self._where()
         self._events.append(a)
         self._is_alloc.append(0)
+
+    def _capture(self) -> CapturedTraceback | None:
+        """The caller's stack, or None without stacks.
+
+        Most allocations and frees in backward come from ops the autograd engine runs from its
+        C++ loop, with nothing of the program's but the engine's entry frame inside: their stacks
+        are the same until that frame moves on, and one capture serves them all. The cached
+        frame is only held between two context changes, and the pass's end is one (as it must
+        be: a finished frame keeps its locals, the loss among them)."""
+        if not self.stacks:
+            return None
+        told = self._context
+        if told is None or told[1][1] not in IN_BACKWARD:
+            return capture_stack()
+        f = sys._getframe(1)
+        while f is not None and _LEFT_OUT[f.f_code.co_filename]:
+            f = f.f_back
+        if f is None or f.f_code is not _ENGINE_CODE:
+            return capture_stack()
+        hit = self._engine_stack
+        if hit is not None and hit[0] is f and hit[1] == f.f_lasti:
+            return hit[2]
+        tb = capture_stack()
+        self._engine_stack = (f, f.f_lasti, tb)
+        return tb
 
     def _where(self) -> tuple[str, str, int]:
         """(module, phase, step) of an allocation or free made now on this thread: the context
@@ -382,6 +414,7 @@ class CpuBackend:
     def context_changed(self, ctx: TaggingContext) -> None:
         """Remember the new context for the allocations that follow. On entering backward, live
         temporaries are kept by autograd (``lifetimes``)."""
+        self._engine_stack = None
         kept = self._backward_entry.kept_phase(self._remember_context()[1])
         if kept is not None:
             for a in list(self._live.values()):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from vramtrace.attribution import taxonomy as tx
 
 
-_IN_BACKWARD = ("backward", "recompute")
+IN_BACKWARD = ("backward", "recompute")   # the phases the autograd engine runs
 
 
 class BackwardEntry:
@@ -30,7 +30,7 @@ class BackwardEntry:
         """Move to ``phase``; the phase whose live temporaries are kept now: ``forward`` when
         backward begins, ``recompute`` when a recompute ends inside it, else None."""
         last, self.last = self.last, phase
-        if phase in _IN_BACKWARD and last not in _IN_BACKWARD:
+        if phase in IN_BACKWARD and last not in IN_BACKWARD:
             return "forward"
         if phase == "backward" and last == "recompute":
             return "recompute"
