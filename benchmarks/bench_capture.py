@@ -18,7 +18,7 @@ machine's noise; CPU time of the process (torch on one thread), not wall time, s
 processes on the machine do not count. Whole-step figures are best of N rounds, added times
 the median of per-round differences; ratios are within this one run. Exits 0; no timed asserts.
 
-    python benchmarks/bench_capture.py [--rounds 15] [--hidden 256] [--layers 4] [--seq 256] [--batch 4]
+    python benchmarks/bench_capture.py [--rounds 25] [--json FILE] [--hidden 256] [--layers 4] [--seq 256] [--batch 4]
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def added(times: dict[str, list[float]], variant: str) -> tuple[float, float, fl
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=25)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--layers", type=int, default=4)
