@@ -425,3 +425,18 @@ def test_tag_json_is_what_json_dumps_writes(tag: Tag) -> None:
     fields = {"owner": tag.owner, "module": tag.module, "phase": tag.phase, "step": tag.step,
               "dtype": tag.dtype, "shape": list(tag.shape), "param": tag.param}
     assert tag.to_json() == json.dumps(fields, separators=(",", ":"))
+
+
+def test_a_backward_pass_nobody_announces_is_still_backward(tmp_path: Path) -> None:
+    """A pass that does not go through torch.autograd's entry (as one started from C++) is not
+    announced to the backend: its allocations still read the engine, not the last context."""
+    w = torch.randn(128, 128, requires_grad=True)
+    path = tmp_path / "unannounced.pkl"
+    with vramtrace.record(path, backend="cpu"):
+        loss = (w * 2).sin().sum()
+        torch.autograd.graph._engine_run_backward(      # the original, not the wrapped entry
+            (loss,), (torch.ones(()),), False, False, (), True, True)
+    phases = [json.loads(e["user_metadata"])["phase"] for e in allocs(read_raw(path))
+              if e["size"] == 128 * 128 * 4]
+    # w * 2 and its sin outside any module, then the gradients of sin and of the product
+    assert phases[:2] == ["setup", "setup"] and len(phases) > 2 and set(phases[2:]) == {"backward"}

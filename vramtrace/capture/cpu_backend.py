@@ -66,6 +66,7 @@ _LEFT_OUT = _LeftOut()
 # create (and walk), with one capture per allocation and per free.
 capture_stack = functools.partial(gather_traceback, True, False, False)
 
+_graph_task_id = torch._C._current_graph_task_id   # -1 outside a backward graph task
 # The frame the autograd engine's C++ loop runs under: every op it runs itself has this frame,
 # at the same instruction, as the program's innermost one (None where torch has no such function).
 _ENGINE_CODE = getattr(getattr(torch.autograd.graph, "_engine_run_backward", None), "__code__", None)
@@ -225,8 +226,8 @@ class _Allocation(weakref.ref):
     frames: CapturedTraceback | None
     owner: str
     where: tuple[str, str, int]       # module, phase, step when made
-    dtype: str
-    shape: tuple[int, ...]            # a torch.Size for storages seen as an op's output
+    dtype: torch.dtype
+    shape: tuple[int, ...]            # the tensor's torch.Size
     param: str
     free_time_ns: int
     free_frames: CapturedTraceback | None
@@ -366,9 +367,11 @@ class CpuBackend:
 
     def _where(self) -> tuple[str, str, int]:
         """(module, phase, step) of an allocation or free made now on this thread: the context
-        last announced, when it was announced on this thread and every change is announced."""
+        last announced, when it was announced on this thread, every change is announced, and
+        the engine agrees about being in backward (a pass started from C++ is not announced)."""
         told = self._context
-        if told is not None and told[0] == get_ident():
+        if (told is not None and told[0] == get_ident()
+                and (_graph_task_id() != -1) == (told[1][1] in IN_BACKWARD)):
             return told[1]
         module, phase = self.ctx.where()
         return module, phase, self.ctx.step
