@@ -250,7 +250,11 @@ class StackTable:
         return first
 
     def key(self, raw: int) -> int:
-        return self.keys([raw])[0]
+        sid = self._keys.get(raw)   # callers ask row by row (flame, diff): a known stack costs a lookup
+        if sid is None:
+            self._intern_stacks([raw])
+            sid = self._keys[raw]
+        return sid
 
     def keys(self, raws: list[int]) -> list[int]:
         """Interned ids of several raw stacks; one call for a report's thousand-odd live stacks
