@@ -314,7 +314,7 @@ class CpuBackend:
         if size == 0:
             return
         a = self._track(st, size, time.time_ns(), self._capture(), t)
-        a.param = self.ctx.autocast_param(func, args) if func is TO_COPY else ""
+        a.param = self.ctx.autocast_param(args) if func is TO_COPY else ""
         a.owner = tx.AUTOCAST if a.param else tx.TEMPORARY
         a.where = self._where()
         self._events.append(a)
@@ -373,12 +373,14 @@ class CpuBackend:
         if (told is not None and told[0] == get_ident()
                 and (_graph_task_id() != -1) == (told[1][1] in IN_BACKWARD)):
             return told[1]
+        return self._asked_where()
+
+    def _asked_where(self) -> tuple[str, str, int]:
         module, phase = self.ctx.where()
         return module, phase, self.ctx.step
 
     def _remember_context(self) -> tuple[str, str, int]:
-        module, phase = self.ctx.where()
-        where = (module, phase, self.ctx.step)
+        where = self._asked_where()
         self._context = (get_ident(), where) if self.ctx.announces_changes else None
         return where
 
@@ -437,13 +439,11 @@ class CpuBackend:
                           self._preexisting + self._events))
         stacks = resolve_stacks([a.frames if is_alloc else a.free_frames for is_alloc, a in events])
         metas: dict[tuple, str] = {}   # the same tag fields give the same JSON
-        malloc, free, temporary = model.malloc, model.free, tx.TEMPORARY
+        malloc, free = model.malloc, model.free
         for (is_alloc, a), frames in zip(events, stacks):
             if is_alloc:
-                owner, where = a.owner, a.where
-                if owner == temporary:   # the one owner its free can change
-                    freed = a.free_where
-                    owner = final_owner(owner, where[1], where[2], freed[1], freed[2])
+                where, freed = a.where, a.free_where
+                owner = final_owner(a.owner, where[1], where[2], freed[1], freed[2])
                 key = (owner, where, a.dtype, a.shape, a.param)
                 meta = metas.get(key)
                 if meta is None:

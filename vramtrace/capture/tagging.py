@@ -268,11 +268,9 @@ class TaggingContext:
         """The context string the CUDA backend stamps as thread-local memory metadata."""
         return self.context_tag().to_json()
 
-    def autocast_param(self, func: Any, args: tuple) -> str:
-        """Name of the parameter that op ``func`` (called with ``args``) copies, if it is
-        autocast's cast of a parameter inside a module entered with autocast on; else ""."""
-        if func is not TO_COPY:
-            return ""
+    def autocast_param(self, args: tuple) -> str:
+        """Name of the parameter a ``TO_COPY`` op called with ``args`` copies, when it is
+        autocast's cast (inside a module entered with autocast on); else ""."""
         st = self._tls.stack
         if st and st[-1][1] and args and isinstance(args[0], torch.Tensor):
             return self.param_name(args[0])
