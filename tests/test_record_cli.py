@@ -301,6 +301,26 @@ def test_finalize_applies_the_cpu_backends_lifetime_rules():
     assert json.loads(trace[12]["user_metadata"]) == {**json.loads(opt), "owner": "optimizer"}
 
 
+def test_finalize_stamps_noted_contexts_where_torch_could_not():
+    """Torch before 2.13: events carry no metadata; each takes the context noted last at or
+    before its time, and the lifetime rules then run on those phases as on stamped ones."""
+    fwd, bwd, setup = (_tag("temporary", phase=p) for p in ("forward", "backward", "setup"))
+    kept, scratch, grad = 0x100, 0x200, 0x300
+    trace = [{k: v for k, v in _ev(action, addr, 512, t).items() if k != "user_metadata"}
+             for action, addr, t in (("alloc", 0x50, 5),                 # before the first context
+                                     ("alloc", kept, 10), ("alloc", scratch, 11),
+                                     ("free_requested", scratch, 12),
+                                     ("alloc", grad, 20),                # the exact time of a change
+                                     ("free_requested", kept, 31))]
+    contexts = [(7, fwd), (20, bwd), (30, setup)]
+    finalize({"segments": [], "device_traces": [trace]}, [], contexts)
+    assert "user_metadata" not in trace[0] and trace[0]["category"] == "unknown"
+    assert [json.loads(e["user_metadata"])["phase"] for e in trace[1:]] == \
+        ["forward", "forward", "forward", "backward", "setup"]
+    assert [e["category"] for e in trace] == ["unknown", "activation", "temporary", "temporary",
+                                              "temporary", "activation"]
+
+
 def test_finalize_unknown_owner_names_become_unknown():
     trace = [_ev("alloc", 0x1000, 512, 1, _tag("my-own-owner")), _ev("alloc", 0x2000, 512, 2, "free text")]
     snap = finalize({"segments": [], "device_traces": [trace]}, [])

@@ -5,7 +5,10 @@ forced: it begins when the program initialises CUDA (``torch.cuda._lazy_call``),
 process that never uses the GPU neither creates a CUDA context nor poisons ``fork``.
 
 Tags: the tagging context's thread-local context string is stamped with
-``_set_memory_metadata`` on every context change; roles learned later arrive as ``retag`` calls
+``_set_memory_metadata`` on every context change. Torch before 2.13 has no such call: there
+each change is noted with its time instead, and at dump time every trace event takes the
+context last noted before it (the allocator's ``time_us`` and Python's clock are both Unix
+time). Roles learned later arrive as ``retag`` calls
 (a live tensor and its new tag). Those are noted here with the storage address and the time and,
 at dump time, joined to the allocation that was live at that address at that time, i.e. to the
 alloc event's identity, never to whatever occupies the address at dump time. Where torch has
@@ -102,6 +105,8 @@ class CudaBackend:
         self._armed = False
         self._final: dict | None = None
         self._retags: collections.deque[_Retag] = collections.deque(maxlen=self.max_entries)
+        # (time_us, context) per context change, where torch cannot stamp it (before 2.13)
+        self._contexts: collections.deque[tuple[int, str]] | None = None
         self._annotate = getattr(torch.cuda.memory, "_annotate_tensor", None)
         self._nvml = NvmlSampler(nvml_interval_s)
 
@@ -137,7 +142,10 @@ class CudaBackend:
         if not _oom_attached:
             torch._C._cuda_attach_out_of_memory_observer(_oom_observer)
             _oom_attached = True
-        set_cuda_memory_metadata(self.ctx.context_json())
+        self._contexts = None
+        if not set_cuda_memory_metadata(self.ctx.context_json()):
+            self._contexts = collections.deque(maxlen=self.max_entries)
+            self._note_context(self.ctx)
         self._nvml.start(_device_uuids())
 
     def snapshot(self) -> dict:
@@ -149,7 +157,8 @@ class CudaBackend:
             return {"segments": [], "device_traces": []}
         self.ctx.sweep()
         self._nvml.sample()
-        snap = finalize(torch.cuda.memory._snapshot(), list(self._retags))
+        snap = finalize(torch.cuda.memory._snapshot(), list(self._retags),
+                        list(self._contexts) if self._contexts is not None else None)
         snap["vramtrace_nvml"] = self._nvml.samples()
         snap[RECORDED_BY] = self.name
         return snap
@@ -173,8 +182,17 @@ class CudaBackend:
 
     # -- TagListener ---------------------------------------------------------------------------
     def context_changed(self, ctx: TaggingContext) -> None:
-        if self.started:
+        if not self.started:
+            return
+        if self._contexts is None:
             set_cuda_memory_metadata(ctx.context_json())
+        else:
+            self._note_context(ctx)
+
+    def _note_context(self, ctx: TaggingContext) -> None:
+        context = ctx.context_json()
+        if not self._contexts or self._contexts[-1][1] != context:
+            self._contexts.append((time.time_ns() // 1000, sys.intern(context)))
 
     def retag(self, tensor: torch.Tensor, tag: Tag) -> None:
         if not self.started or tensor.device.type != "cuda":
@@ -227,8 +245,11 @@ def _merge(alloc_meta: dict, retag_meta: dict) -> dict:
     return merged
 
 
-def finalize(snap: dict, retags: list[_Retag]) -> dict:
+def finalize(snap: dict, retags: list[_Retag], contexts: list[tuple[int, str]] | None = None) -> dict:
     """Set ``category`` (owner) on every trace event and fold re-tags into their allocations.
+
+    ``contexts``, (time_us, context) in time order, stands in for torch's own metadata where it
+    could not stamp it: each event takes the last context noted at or before its time.
 
     Walks each device's trace in order keeping the alloc event live at each address; a re-tag
     made at time t applies to the allocation live at its address at t, if its owner's priority
@@ -244,11 +265,23 @@ def finalize(snap: dict, retags: list[_Retag]) -> dict:
     for r in retags:
         by_device[r.device].append(r)
     for device, trace in enumerate(snap.get("device_traces", [])):
+        if contexts is not None:
+            _stamp_contexts(trace, contexts)
         _DeviceTags(sorted(by_device.get(device, []), key=lambda r: r.time_us)).run(trace)
     return snap
 
 
 RETAG_SLACK_US = 1000
+
+
+def _stamp_contexts(trace: list[dict], contexts: list[tuple[int, str]]) -> None:
+    """Give each event the context noted last at or before its time (none before the first)."""
+    times = [t for t, _ in contexts]
+    for event in trace:
+        t = event.get("time_us")
+        i = bisect.bisect_right(times, t) - 1 if t is not None else -1
+        if i >= 0:
+            event["user_metadata"] = contexts[i][1]
 
 
 class _DeviceTags:
