@@ -1,6 +1,7 @@
 """Shared test fixtures: the real snapshots in ../shared (skipped cleanly where absent)."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# ../shared beside the checkout; VRAMTRACE_SHARED names another place (a machine it was copied to)
+SHARED = Path(os.environ.get("VRAMTRACE_SHARED") or REPO.parent / "shared")
 REAL_SNAPSHOTS = SHARED / "fixtures" / "real-snapshots"
 VALIDATOR = SHARED / "tools" / "validate_memviz.py"
 

@@ -1,37 +1,73 @@
 #!/usr/bin/env bash
-# The real CUDA path of `vramtrace record`, end to end; run only where a GPU is lent:
-#   tools/gpu_check.sh            (writes into $OUT, else out/gpu_check)
-# 1. records a small training run with --backend cuda, reports it, validates the file for
-#    PyTorch's viewer and torch.cuda._memory_viz; 2. records the same script on the CPU shadow
-#    (--backend cpu) and prints both sets of figures side by side; 3. runs the tests marked cuda.
-set -euo pipefail
+# The real CUDA path of vramtrace, end to end; run only where a GPU is lent:
+#   PYTHON=python3 tools/gpu_check.sh      (writes into $OUT, else out/gpu_check)
+# Stages (each runs even if an earlier one failed; the exit status says whether all passed):
+#  env      torch, the GPU, which recording calls this torch has, NVML, bitsandbytes
+#  record   a small training run with --backend cuda, and the same script on the CPU shadow
+#  report   both files; diff of the two; flame graph of the CUDA file
+#  validate both files for PyTorch's viewer, and through torch.cuda._memory_viz
+#  figures  CUDA vs CPU-shadow figures side by side
+#  tests    the tests marked cuda (CUDA recording, OOM dump, owner bytes vs analytic truth)
+#  simulate vramtrace's fake-tensor prediction vs a real CUDA step of the same recipes
+#  bench    the CUDA path's tagging overhead on a real step
+# ../shared (the viewer-rule checker) is found beside the checkout or at $VRAMTRACE_SHARED.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 out="${OUT:-out/gpu_check}"
+work="$(mktemp -d)"
 mkdir -p "$out"
 py="${PYTHON:-python}"
 script=tests/scripts/tiny_train.py
 args=(--width 4096 --steps 3)
+failed=()
 
-$py -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+stage() {   # stage NAME COMMAND...: run, time and report one stage
+  local name=$1 t0=$SECONDS
+  shift
+  echo "== $name"
+  if "$@"; then echo "-- $name: ok ($((SECONDS - t0)) s)"; else echo "-- $name: FAILED ($((SECONDS - t0)) s)"; failed+=("$name"); fi
+}
 
-echo "== record (cuda)"
-$py -m vramtrace record -o "$out/gpu.pkl" --force --backend cuda -- $py "$script" --device cuda "${args[@]}"
-echo "== record (cpu shadow of the same script)"
-$py -m vramtrace record -o "$out/cpu.pkl" --force --backend cpu -- $py "$script" --device cpu "${args[@]}"
+env_check() {
+  $py - <<'PY'
+import importlib, torch
+assert torch.cuda.is_available(), "no CUDA device"
+mem = torch.cuda.memory
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))
+for name in ("_record_memory_history", "_snapshot", "_set_memory_metadata", "_annotate_tensor",
+             "_allocation_traceback"):
+    print(f"  torch.cuda.memory.{name}: {'yes' if hasattr(mem, name) else 'no'}")
+for mod in ("pynvml", "bitsandbytes", "transformers", "peft"):
+    try:
+        m = importlib.import_module(mod)
+        print(f"  {mod}: {getattr(m, '__version__', 'present')}")
+    except Exception as exc:  # noqa: BLE001 - print why, the stages that need it will say too
+        print(f"  {mod}: cannot import ({type(exc).__name__}: {str(exc)[:120]})")
+PY
+}
 
-echo "== report (cuda)"
-$py -m vramtrace report "$out/gpu.pkl" -q | tee "$out/gpu_report.txt"
-$py -m vramtrace report "$out/gpu.pkl" -q --format json > "$out/gpu_report.json"
-$py -m vramtrace report "$out/cpu.pkl" -q --format json > "$out/cpu_report.json"
+record_both() {
+  $py -m vramtrace record -o "$out/gpu.pkl" --force --backend cuda -- $py "$script" --device cuda "${args[@]}" &&
+  $py -m vramtrace record -o "$out/cpu.pkl" --force --backend cpu -- $py "$script" --device cpu "${args[@]}"
+}
 
-echo "== validate"
-validator=""
-for v in "${VRAMTRACE_SHARED:-}/tools/validate_memviz.py" ../shared/tools/validate_memviz.py shared/tools/validate_memviz.py; do
-  [ -f "$v" ] && validator="$v" && break
-done
-if [ -n "$validator" ]; then $py "$validator" "$out/gpu.pkl" "$out/cpu.pkl"; else echo "validate_memviz.py not found: skipped"; fi
-$py - "$out/gpu.pkl" <<'PY'
+report_both() {
+  $py -m vramtrace report "$out/gpu.pkl" -q &&
+  $py -m vramtrace report "$out/gpu.pkl" -q --format json > "$out/gpu_report.json" &&
+  $py -m vramtrace report "$out/cpu.pkl" -q --format json > "$out/cpu_report.json" &&
+  $py -m vramtrace diff "$out/cpu.pkl" "$out/gpu.pkl" &&
+  $py -m vramtrace flame "$out/gpu.pkl" -o "$work/gpu.html" && ls -l "$work/gpu.html"
+}
+
+validate_both() {
+  local validator=""
+  for v in "${VRAMTRACE_SHARED:-}/tools/validate_memviz.py" ../shared/tools/validate_memviz.py; do
+    [ -f "$v" ] && validator="$v" && break
+  done
+  if [ -n "$validator" ]; then $py "$validator" "$out/gpu.pkl" "$out/cpu.pkl" || return 1
+  else echo "validate_memviz.py not found: skipped"; fi
+  $py - "$out/gpu.pkl" <<'PY'
 import pickle, sys
 from torch.cuda import _memory_viz as mv
 snap = pickle.load(open(sys.argv[1], "rb"))
@@ -43,9 +79,10 @@ print(f"_memory_viz segsum/trace/trace_plot/segment_plot: ok; {len(events)} even
 print(f"nvml samples: {len(nvml)}" + (f", last used {nvml[-1]['used'] / 2**20:.1f} MiB of {nvml[-1]['total'] / 2**30:.1f} GiB" if nvml else ""))
 assert "unknown" in cats and len(cats) <= 10 and nvml, "categories or NVML samples missing"
 PY
+}
 
-echo "== figures (cuda vs cpu shadow)"
-$py - "$out/gpu_report.json" "$out/cpu_report.json" <<'PY'
+figures() {
+  $py - "$out/gpu_report.json" "$out/cpu_report.json" <<'PY'
 import json, sys
 mib = lambda b: f"{b / 2**20:10.2f} MiB"
 reports = [json.load(open(p)) for p in sys.argv[1:3]]
@@ -58,6 +95,24 @@ get = lambda d, n: next((r["bytes"] for r in d["by_owner"] if r["name"] == n), 0
 for n in sorted(owners, key=lambda n: -get(g, n)):
     print(f"  at peak {n:12s} cuda {mib(get(g, n))}   cpu {mib(get(c, n))}")
 PY
+}
 
-echo "== tests marked cuda"
-$py -m pytest -q -m cuda tests/test_record_cli.py
+cuda_tests() {
+  $py -m pytest -q -rfs -s -p no:cacheprovider -m cuda tests/test_record_cli.py tests/test_owner_truth.py \
+    > "$out/pytest_log.txt" 2>&1
+  local rc=$?
+  grep -E "^(fp32_full|fp16_lora|int8_lora|qlora)|passed|failed|FAILED|SKIPPED|Error" "$out/pytest_log.txt" | cut -c1-600
+  return $rc
+}
+
+stage env env_check
+stage record record_both
+stage report report_both
+stage validate validate_both
+stage figures figures
+stage tests cuda_tests
+stage simulate $py tools/gpu_simulate_vs_real.py --device cuda --json "$out/sim_vs_real.json"
+stage bench $py benchmarks/bench_cuda.py --device cuda --json "$out/bench_cuda.json"
+rm -rf "$work"
+if [ ${#failed[@]} -gt 0 ]; then echo "FAILED stages: ${failed[*]}"; exit 1; fi
+echo "all stages passed"
