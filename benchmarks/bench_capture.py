@@ -14,9 +14,11 @@
     compute is in both whole-step times, so their ratio cannot reach 5x; it is printed too).
 
 Warm-up steps first, then every variant once per round, interleaved, so the variants share the
-machine's noise; CPU time of the process (torch on one thread), not wall time, so other
-processes on the machine do not count. Whole-step figures are best of N rounds, added times
-the median of per-round differences; ratios are within this one run. Exits 0; no timed asserts.
+machine's noise, each after a full garbage collection (outside its timing) so that no variant
+pays for collecting what an earlier one left; CPU time of the process (torch on one thread),
+not wall time, so other processes on the machine do not count. Whole-step figures are best of
+N rounds, added times the median of per-round differences; ratios are within this one run.
+Exits 0; no timed asserts.
 
     python benchmarks/bench_capture.py [--rounds 25] [--json FILE] [--hidden 256] [--layers 4] [--seq 256] [--batch 4]
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import json
 import sys
 import time
@@ -144,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.rounds):
         for name, fn in variants.items():
-            times[name].append(fn())
+            gc.collect()    # earlier variants' cyclic garbage (each round makes a new tracker) is
+            times[name].append(fn())   # collected here, not charged to whichever runs next
     best = {name: min(ts) for name, ts in times.items()}
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "times": times}, indent=1))

@@ -54,8 +54,8 @@ record_both() {
 
 report_both() {
   $py -m vramtrace report "$out/gpu.pkl" -q &&
-  $py -m vramtrace report "$out/gpu.pkl" -q --format json > "$out/gpu_report.json" &&
-  $py -m vramtrace report "$out/cpu.pkl" -q --format json > "$out/cpu_report.json" &&
+  $py -m vramtrace report "$out/gpu.pkl" -q --format json > "$work/gpu_report.json" &&
+  $py -m vramtrace report "$out/cpu.pkl" -q --format json > "$work/cpu_report.json" &&
   $py -m vramtrace diff "$out/cpu.pkl" "$out/gpu.pkl" &&
   $py -m vramtrace flame "$out/gpu.pkl" -o "$work/gpu.html" && ls -l "$work/gpu.html"
 }
@@ -82,7 +82,7 @@ PY
 }
 
 figures() {
-  $py - "$out/gpu_report.json" "$out/cpu_report.json" <<'PY'
+  $py - "$work/gpu_report.json" "$work/cpu_report.json" <<'PY'
 import json, sys
 mib = lambda b: f"{b / 2**20:10.2f} MiB"
 reports = [json.load(open(p)) for p in sys.argv[1:3]]
@@ -98,9 +98,10 @@ PY
 }
 
 cuda_tests() {
-  $py -m pytest -q -rfs -s -p no:cacheprovider -m cuda tests/test_record_cli.py tests/test_owner_truth.py \
-    > "$out/pytest_log.txt" 2>&1
+  $py -m pytest -q -rfs -s -p no:cacheprovider --basetemp="$work/pytest" -m cuda \
+    tests/test_record_cli.py tests/test_owner_truth.py > "$out/pytest_log.txt" 2>&1
   local rc=$?
+  [ -d "$work/pytest" ] && (cd "$work/pytest" && find . -name '*.pkl' | tar czf "$out/cuda_test_files.tgz" -T -)   # for a look afterwards
   grep -E "^(fp32_full|fp16_lora|int8_lora|qlora)|passed|failed|FAILED|SKIPPED|Error" "$out/pytest_log.txt" | cut -c1-600
   return $rc
 }
@@ -113,6 +114,7 @@ stage figures figures
 stage tests cuda_tests
 stage simulate $py tools/gpu_simulate_vs_real.py --device cuda --json "$out/sim_vs_real.json"
 stage bench $py benchmarks/bench_cuda.py --device cuda --json "$out/bench_cuda.json"
+stage bench-small-step $py benchmarks/bench_cuda.py --device cuda --seq 128 --batch 1   # hooks' worst case: a short step
 rm -rf "$work"
 if [ ${#failed[@]} -gt 0 ]; then echo "FAILED stages: ${failed[*]}"; exit 1; fi
 echo "all stages passed"

@@ -280,15 +280,18 @@ def _page_states(opt: torch.optim.Optimizer) -> None:
     opt.get_state_buffer = get_state_buffer
 
 
-def training_step(recipe: Recipe, vocab_size: int) -> Callable[[nn.Module, torch.optim.Optimizer], None]:
-    """One optimizer step of ``grad_accum`` micro-batches, as HF Trainer runs it."""
+def training_step(recipe: Recipe, vocab_size: int,
+                  device: str | torch.device = "cpu") -> Callable[[nn.Module, torch.optim.Optimizer], None]:
+    """One optimizer step of ``grad_accum`` micro-batches, as HF Trainer runs it, with the
+    inputs made on ``device`` (the simulation's is the CPU; a real run's, e.g. ``"cuda"``)."""
     ac_dtype = DTYPES[recipe.autocast] if recipe.autocast else None
+    device = torch.device(device)
 
     def step(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         for _ in range(recipe.grad_accum):
-            ids = torch.randint(0, vocab_size, (recipe.batch_size, recipe.seq_len))
+            ids = torch.randint(0, vocab_size, (recipe.batch_size, recipe.seq_len), device=device)
             labels = ids.clone()
-            ctx = torch.autocast("cpu", dtype=ac_dtype) if ac_dtype else contextlib.nullcontext()
+            ctx = torch.autocast(device.type, dtype=ac_dtype) if ac_dtype else contextlib.nullcontext()
             with ctx:
                 out = model(input_ids=ids, labels=labels)
             loss = out.loss / recipe.grad_accum
