@@ -43,11 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vramtrace.capture.cuda_backend import CudaBackend  # noqa: E402
 from vramtrace.capture.recorder import DEFAULT_MAX_ENTRIES  # noqa: E402
-
-SIZES: dict[str, dict[str, int]] = {
-    "cuda": dict(hidden=1024, intermediate=2816, layers=8, heads=16, vocab=32000, seq=1024, batch=4),
-    "cpu": dict(hidden=64, intermediate=176, layers=2, heads=4, vocab=128, seq=32, batch=2),
-}
+from tools.llama_sizes import add_device_and_size_options, chosen_device  # noqa: E402
 
 
 @dataclass
@@ -85,25 +81,16 @@ def median(xs: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu for a dry run")
+    add_device_and_size_options(ap)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
-    for key in SIZES["cuda"]:
-        ap.add_argument(f"--{key}", type=int, default=None,
-                        help=f"default {SIZES['cuda'][key]} on cuda, {SIZES['cpu'][key]} on cpu")
     ap.add_argument("--json", metavar="FILE", help="also write each variant's per-round times here")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type not in SIZES:
-        ap.error(f"--device must be cuda or cpu, not {args.device!r}")
+    device = chosen_device(ap, args)
     if args.rounds < 1 or args.warmup < 0:
         ap.error("--rounds must be at least 1 and --warmup at least 0")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: use --device cpu for a dry run", file=sys.stderr)
+    if device is None:
         return 1
-    for key, value in SIZES[device.type].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     cuda = device.type == "cuda"
     if cuda and device.index is not None:   # the snapshots are of the current device
         torch.cuda.set_device(device.index)

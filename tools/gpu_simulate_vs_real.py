@@ -49,6 +49,7 @@ if str(REPO) not in sys.path:      # run from a checkout without installing
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from tools.llama_sizes import add_device_and_size_options, chosen_device  # noqa: E402
 from vramtrace.simulate.core import paused, simulate_step  # noqa: E402
 from vramtrace.simulate.gpus import CUBLAS_WS_DEFAULT, CUBLAS_WS_HOPPER  # noqa: E402
 from vramtrace.simulate.models import (Recipe, build_model, load_config, make_optimizer, simulate_recipe,  # noqa: E402
@@ -63,11 +64,6 @@ RECIPES: dict[str, dict[str, Any]] = {
     "full-fp32": dict(dtype="fp32", optimizer="adamw"),
     "lora-bf16-ckpt-nonreentrant": dict(dtype="bf16", lora_r=8, lora_targets=("q_proj", "v_proj"),
                                         checkpointing="non-reentrant", optimizer="adamw"),
-}
-
-SIZES: dict[str, dict[str, int]] = {
-    "cuda": dict(hidden=1024, intermediate=2816, layers=8, heads=16, vocab=32000, seq=1024, batch=4),
-    "cpu": dict(hidden=64, intermediate=176, layers=2, heads=4, vocab=128, seq=32, batch=2),
 }
 
 
@@ -190,25 +186,16 @@ def print_result(name: str, recipe: Recipe, pred: dict[str, Any], real: dict[str
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cuda", help="cuda (default), cuda:N, or cpu for a dry run")
+    add_device_and_size_options(ap)
     ap.add_argument("--recipe", action="append", choices=sorted(RECIPES),
                     help="run only these recipes (repeatable); default all")
     ap.add_argument("--steps", type=int, default=2)
-    for key in SIZES["cuda"]:
-        ap.add_argument(f"--{key}", type=int, default=None,
-                        help=f"default {SIZES['cuda'][key]} on cuda, {SIZES['cpu'][key]} on cpu")
     ap.add_argument("--max-position", type=int, default=2048)
     ap.add_argument("--json", metavar="FILE", help="also write the results here")
     args = ap.parse_args(argv)
-    device = torch.device(args.device)
-    if device.type not in SIZES:
-        ap.error(f"--device must be cuda or cpu, not {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        print("no CUDA device: use --device cpu for a dry run", file=sys.stderr)
+    device = chosen_device(ap, args)
+    if device is None:
         return 1
-    for key, value in SIZES[device.type].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
     ws = cublas_workspace(device)
     names = args.recipe or list(RECIPES)
     header = {"device": str(device), "torch": torch.__version__, "args": vars(args), "cublas_workspace": ws}
