@@ -10,7 +10,8 @@
 #  tests    the tests marked cuda (CUDA recording, OOM dump, owner bytes vs analytic truth)
 #  simulate vramtrace's fake-tensor prediction vs a real CUDA step of the same recipes
 #  bench    the CUDA path's tagging overhead on a real step
-# ../shared (the viewer-rule checker) is found beside the checkout or at $VRAMTRACE_SHARED.
+# ../shared (the viewer-rule checker) is found beside the checkout or at $VRAMTRACE_SHARED;
+# tools/gpu_carry.sh prepares what to carry to a machine that has neither it nor bitsandbytes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
