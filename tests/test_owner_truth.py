@@ -250,7 +250,7 @@ def test_owner_bytes_match_analytic_truth(kind: str, checkpoint: Path, tmp_path:
 @pytest.mark.parametrize("kind", RECIPES)
 def test_owner_bytes_match_analytic_truth_on_cuda(kind: str, metadata: str, checkpoint: Path, tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CUDA backend, with torch's own metadata stamps (2.13+) and with the time-joined
+    """The CUDA backend, with torch's own metadata stamps (2.10+) and with the time-joined
     contexts older torch needs (forced by hiding the stamping call)."""
     if metadata == "timeline":
         monkeypatch.delattr(torch.cuda.memory, "_set_memory_metadata", raising=False)

@@ -5,10 +5,10 @@ forced: it begins when the program initialises CUDA (``torch.cuda._lazy_call``),
 process that never uses the GPU neither creates a CUDA context nor poisons ``fork``.
 
 Tags: the tagging context's thread-local context string is stamped with
-``_set_memory_metadata`` on every context change. Torch before 2.13 has no such call: there
-each change is noted with its time instead, and at dump time every trace event takes the
-context last noted before it (the allocator's ``time_us`` and Python's clock are both Unix
-time). Roles learned later arrive as ``retag`` calls
+``_set_memory_metadata`` on every context change. Older torch lacks that call (it came with
+pytorch#165490, 2.10): there each change is noted with its time instead, and at dump time every
+trace event takes the context last noted before it (the allocator's ``time_us`` and Python's
+clock are both Unix time). Roles learned later arrive as ``retag`` calls
 (a live tensor and its new tag). Those are noted here with the storage address and the time and,
 at dump time, joined to the allocation that was live at that address at that time, i.e. to the
 alloc event's identity, never to whatever occupies the address at dump time. Where torch has
@@ -105,7 +105,7 @@ class CudaBackend:
         self._armed = False
         self._final: dict | None = None
         self._retags: collections.deque[_Retag] = collections.deque(maxlen=self.max_entries)
-        # (time_us, context) per context change, where torch cannot stamp it (before 2.13)
+        # (time_us, context) per context change, where torch cannot stamp it (older torch)
         self._contexts: collections.deque[tuple[int, str]] | None = None
         self._annotate = getattr(torch.cuda.memory, "_annotate_tensor", None)
         self._nvml = NvmlSampler(nvml_interval_s)

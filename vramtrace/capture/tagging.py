@@ -94,7 +94,7 @@ class TagListener(Protocol):
 def set_cuda_memory_metadata(metadata: str) -> bool:
     """Stamp ``metadata`` on every CUDA allocator trace entry this thread makes from now on.
 
-    The one place the CUDA backend calls ``torch.cuda.memory._set_memory_metadata`` (torch 2.13+).
+    The one place the CUDA backend calls ``torch.cuda.memory._set_memory_metadata`` (torch 2.10+).
     Returns False where it does not exist or CUDA is off, so callers need no version checks.
     """
     fn = getattr(torch.cuda.memory, "_set_memory_metadata", None)
