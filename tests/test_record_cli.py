@@ -10,6 +10,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -183,6 +184,22 @@ def test_torchrun_two_ranks_write_two_files(tmp_path):
                                                                   "vramtrace-ddp_tiny.N.rank1.pkl"]
     for f in files:
         check_file(f)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_worker_records(tmp_path):
+    """``accelerate launch`` runs the script in a child of its own: that worker records, named
+    after the script, and the launcher process itself writes nothing."""
+    if shutil.which("accelerate") is None:
+        pytest.skip("accelerate is not installed")
+    out = record("--", "accelerate", "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+                 "--mixed_precision", "no", "--dynamo_backend", "no", TINY, "--steps", "2", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "step 1 loss" in out.stdout
+    (path,) = tmp_path.glob("vramtrace-*.pkl")
+    assert re.fullmatch(r"vramtrace-tiny_train\.\d+\.pkl", path.name), path.name
+    cats = {e["category"] for t in check_file(path)["device_traces"] for e in t}
+    assert {"trainable", "gradient", "optimizer"} <= cats   # every parameter of the script trains
 
 
 # -- pieces -------------------------------------------------------------------------------------
