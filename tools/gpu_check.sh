@@ -20,14 +20,16 @@ work="$(mktemp -d)"
 mkdir -p "$out"
 py="${PYTHON:-python}"
 script=tests/scripts/tiny_train.py
-args=(--width 4096 --steps 3)
+args="--width 4096 --steps 3"
+export out work py script args
 failed=()
 
-stage() {   # stage NAME COMMAND...: run, time and report one stage
-  local name=$1 t0=$SECONDS
-  shift
+stage() {   # stage NAME SECONDS COMMAND...: run one stage, stopped after SECONDS (a lent GPU's
+  local name=$1 limit=$2 t0=$SECONDS   # minutes are few: one stage that hangs must not take them all)
+  shift 2
   echo "== $name"
-  if "$@"; then echo "-- $name: ok ($((SECONDS - t0)) s)"; else echo "-- $name: FAILED ($((SECONDS - t0)) s)"; failed+=("$name"); fi
+  if timeout "$limit" bash -c '"$@"' stage "$@"; then echo "-- $name: ok ($((SECONDS - t0)) s)"
+  else echo "-- $name: FAILED ($((SECONDS - t0)) s; limit $limit s)"; failed+=("$name"); fi
 }
 
 env_check() {
@@ -49,8 +51,8 @@ PY
 }
 
 record_both() {
-  $py -m vramtrace record -o "$out/gpu.pkl" --force --backend cuda -- $py "$script" --device cuda "${args[@]}" &&
-  $py -m vramtrace record -o "$out/cpu.pkl" --force --backend cpu -- $py "$script" --device cpu "${args[@]}"
+  $py -m vramtrace record -o "$out/gpu.pkl" --force --backend cuda -- $py "$script" --device cuda $args &&
+  $py -m vramtrace record -o "$out/cpu.pkl" --force --backend cpu -- $py "$script" --device cpu $args
 }
 
 report_both() {
@@ -107,15 +109,16 @@ cuda_tests() {
   return $rc
 }
 
-stage env env_check
-stage record record_both
-stage report report_both
-stage validate validate_both
-stage figures figures
-stage tests cuda_tests
-stage simulate $py tools/gpu_simulate_vs_real.py --device cuda --json "$out/sim_vs_real.json"
-stage bench $py benchmarks/bench_cuda.py --device cuda --json "$out/bench_cuda.json"
-stage bench-small-step $py benchmarks/bench_cuda.py --device cuda --seq 128 --batch 1   # hooks' worst case: a short step
+export -f env_check record_both report_both validate_both figures cuda_tests
+stage env 60 env_check
+stage record 120 record_both
+stage report 60 report_both
+stage validate 60 validate_both
+stage figures 30 figures
+stage tests 180 cuda_tests
+stage simulate 120 $py tools/gpu_simulate_vs_real.py --device cuda --json "$out/sim_vs_real.json"
+stage bench 90 $py benchmarks/bench_cuda.py --device cuda --json "$out/bench_cuda.json"
+stage bench-small-step 60 $py benchmarks/bench_cuda.py --device cuda --seq 128 --batch 1   # hooks' worst case: a short step
 rm -rf "$work"
 if [ ${#failed[@]} -gt 0 ]; then echo "FAILED stages: ${failed[*]}"; exit 1; fi
 echo "all stages passed"
