@@ -98,6 +98,23 @@ get = lambda d, n: next((r["bytes"] for r in d["by_owner"] if r["name"] == n), 0
 for n in sorted(owners, key=lambda n: -get(g, n)):
     print(f"  at peak {n:12s} cuda {mib(get(g, n))}   cpu {mib(get(c, n))}")
 PY
+  # What the CUDA run left allocated at the end, largest first: the cuBLAS workspaces (never
+  # freed, made inside a forward or backward op) should show here, with the owner they got.
+  $py - "$out/gpu.pkl" <<'PY'
+import json, pickle, sys
+live = {}
+for e in pickle.load(open(sys.argv[1], "rb"))["device_traces"][0]:
+    if e["action"] == "alloc":
+        live[e["addr"]] = e
+    elif e["action"] == "free_completed":
+        live.pop(e["addr"], None)
+print("largest allocations alive at the end of the CUDA run:")
+for e in sorted(live.values(), key=lambda e: -e["size"])[:6]:
+    meta = json.loads(e["user_metadata"]) if str(e.get("user_metadata", "")).startswith("{") else {}
+    frames = " <- ".join(f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']} {f['name']}" for f in e["frames"][:3])
+    print(f"  {e['size'] / 2**20:9.3f} MiB {e['category']:11s} {meta.get('phase', '?'):9s} "
+          f"{meta.get('module', '')[:40]:40s} {frames[:160]}")
+PY
 }
 
 cuda_tests() {
