@@ -15,6 +15,17 @@ REAL_SNAPSHOTS = SHARED / "fixtures" / "real-snapshots"
 VALIDATOR = SHARED / "tools" / "validate_memviz.py"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked ``cuda`` skip where torch sees no CUDA device (the marker's promise)."""
+    import torch
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 def real_snapshot_files() -> list[Path]:
     if not REAL_SNAPSHOTS.is_dir():
         return []

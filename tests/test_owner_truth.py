@@ -33,7 +33,6 @@ from vramtrace.snapshot.load import read_raw  # noqa: E402
 
 BLOCK = 512
 STEPS = 3
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 LORA_TARGETS = ["q_proj", "v_proj"]
 
 
@@ -245,7 +244,6 @@ def test_owner_bytes_match_analytic_truth(kind: str, checkpoint: Path, tmp_path:
 
 
 @pytest.mark.cuda
-@cuda
 @pytest.mark.parametrize("metadata", ["native", "timeline"])
 @pytest.mark.parametrize("kind", RECIPES)
 def test_owner_bytes_match_analytic_truth_on_cuda(kind: str, metadata: str, checkpoint: Path, tmp_path: Path,
