@@ -264,9 +264,10 @@ def finalize(snap: dict, retags: list[_Retag], contexts: list[tuple[int, str]] |
     by_device: dict[int, list[_Retag]] = collections.defaultdict(list)
     for r in retags:
         by_device[r.device].append(r)
+    context_times = [t for t, _ in contexts] if contexts is not None else None
     for device, trace in enumerate(snap.get("device_traces", [])):
         if contexts is not None:
-            _stamp_contexts(trace, contexts)
+            _stamp_contexts(trace, context_times, contexts)
         _DeviceTags(sorted(by_device.get(device, []), key=lambda r: r.time_us)).run(trace)
     return snap
 
@@ -274,9 +275,9 @@ def finalize(snap: dict, retags: list[_Retag], contexts: list[tuple[int, str]] |
 RETAG_SLACK_US = 1000
 
 
-def _stamp_contexts(trace: list[dict], contexts: list[tuple[int, str]]) -> None:
-    """Give each event the context noted last at or before its time (none before the first)."""
-    times = [t for t, _ in contexts]
+def _stamp_contexts(trace: list[dict], times: list[int], contexts: list[tuple[int, str]]) -> None:
+    """Give each event the context noted last at or before its time (none before the first);
+    ``times`` are the contexts' own, made once for all devices."""
     for event in trace:
         t = event.get("time_us")
         i = bisect.bisect_right(times, t) - 1 if t is not None else -1
