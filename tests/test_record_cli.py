@@ -337,6 +337,32 @@ def test_finalize_stamps_noted_contexts_where_torch_could_not():
                                               "temporary", "activation"]
 
 
+def test_finalize_keeps_cublas_workspaces_out_of_the_activations(monkeypatch):
+    """A cuBLAS workspace is made in the first forward matmul and never freed: by the lifetime
+    rules alone it would be an activation. Known by its C++ frame, or with Python stacks only
+    by its size, never freed and never re-tagged; a tensor of that size kept by autograd is
+    still an activation."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    fwd, bwd = _tag("temporary"), _tag("temporary", phase="backward")
+    ws, ctx_saved, saved, odd, by_frame = 0x1000, 0x2000, 0x3000, 0x4000, 0x5000
+    hopper, older = 32 << 20, (8 << 20) + (128 << 10)
+    cxx = {**_ev("alloc", by_frame, 4 << 20, 5, fwd),
+           "frames": [{"name": "at::cuda::getNewWorkspace()", "filename": "??", "line": 0}]}
+    trace = [_ev("alloc", ws, hopper, 1, fwd),             # the workspace: never freed
+             _ev("alloc", ctx_saved, hopper, 2, fwd),      # same size, on an autograd ctx: freed
+             _ev("alloc", saved, older, 3, fwd),           # a workspace's size, saved for backward
+             _ev("alloc", odd, hopper + 512, 4, fwd),      # not a workspace's size
+             cxx,                                          # CUBLAS_WORKSPACE_CONFIG's own size
+             _ev("alloc", 0x6000, 512, 6, bwd),            # backward begins
+             _ev("free_requested", ctx_saved, hopper, 7, bwd)]
+    finalize({"segments": [], "device_traces": [trace]}, [_Retag(3, 0, saved, _tag("activation"))])
+    assert [e["category"] for e in trace] == ["temporary", "activation", "activation", "activation",
+                                              "temporary", "temporary", "activation"]
+    for event in (trace[0], trace[4]):
+        meta = json.loads(event["user_metadata"])
+        assert meta["workspace"] == "cuBLAS" and meta["phase"] == "forward" and meta["owner"] == "temporary"
+
+
 def test_finalize_unknown_owner_names_become_unknown():
     trace = [_ev("alloc", 0x1000, 512, 1, _tag("my-own-owner")), _ev("alloc", 0x2000, 512, 2, "free text")]
     snap = finalize({"segments": [], "device_traces": [trace]}, [])

@@ -51,7 +51,7 @@ from torch import nn  # noqa: E402
 
 from tools.llama_sizes import add_device_and_size_options, chosen_device  # noqa: E402
 from vramtrace.simulate.core import paused, simulate_step  # noqa: E402
-from vramtrace.simulate.gpus import CUBLAS_WS_DEFAULT, CUBLAS_WS_HOPPER  # noqa: E402
+from vramtrace.attribution.workspaces import CUBLAS_WS_DEFAULT, CUBLAS_WS_HOPPER  # noqa: E402
 from vramtrace.simulate.models import (Recipe, build_model, load_config, make_optimizer, simulate_recipe,  # noqa: E402
                                        training_step)
 

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import torch
 
 from vramtrace.attribution import taxonomy as tx
+from vramtrace.attribution import workspaces
 from vramtrace.capture.lifetimes import BackwardEntry, final_owner, owner_when_kept
 from vramtrace.capture.nvml import NvmlSampler
 from vramtrace.capture.recorder import DEFAULT_MAX_ENTRIES
@@ -295,6 +296,9 @@ class _DeviceTags:
         self.orphans: dict[int, _Retag] = {}   # addr -> re-tag that found nothing live yet
         self.changed: set[int] = set()         # id(alloc event) whose tag a re-tag changed
         self.freed: dict[int, dict] = {}       # id(alloc event) -> context of its first free
+        self.kept: set[int] = set()            # id(alloc event) made an activation at backward entry
+        self.retagged: set[int] = set()        # id(alloc event) a re-tag changed
+        self.workspace_sizes = workspaces.cublas_workspace_sizes()
         self.backward = BackwardEntry()
         self.parsed: dict[Any, dict] = {}      # metadata string -> its dict (never mutated: shared)
 
@@ -361,15 +365,29 @@ class _DeviceTags:
             if owner != _owner(tag):
                 self.tags[id(alloc)] = {**tag, "owner": owner}
                 self.changed.add(id(alloc))
+                self.kept.add(id(alloc))
 
     def _final(self, alloc: dict) -> None:
         """Apply the owner rules that need the allocation's free (none while it is alive)."""
         tag, free = self.tags[id(alloc)], self.freed.get(id(alloc), {})
+        if id(alloc) in self.kept and _owner(tag) == tx.ACTIVATION and self._cublas_workspace(alloc):
+            self.tags[id(alloc)] = {**tag, "owner": tx.TEMPORARY, "workspace": workspaces.DETAIL}
+            return
         owner = final_owner(_owner(tag), tag.get("phase", ""), tag.get("step", -1),
                             free.get("phase", ""), free.get("step", -1))
         if owner != _owner(tag):
             self.tags[id(alloc)] = {**tag, "owner": owner}
             self.changed.add(id(alloc))
+
+    def _cublas_workspace(self, alloc: dict) -> bool:
+        """Whether an allocation kept at backward entry is a cuBLAS workspace, not an activation:
+        its C++ frames say so, or (Python stacks only) it has a workspace's size, is never freed
+        and no re-tag gave it a role (``workspaces``)."""
+        frames = alloc.get("frames") or ()
+        if workspaces.made_by_workspace_call(f.get("name", "") for f in frames):
+            return True
+        return (id(alloc) not in self.freed and id(alloc) not in self.retagged
+                and alloc.get("size") in self.workspace_sizes)
 
     def _apply_until(self, upto: int) -> None:
         for r in self.retags[self.done:upto]:
@@ -387,3 +405,4 @@ class _DeviceTags:
         if OWNER_PRIORITY.get(_owner(new), 0) >= OWNER_PRIORITY.get(_owner(cur), 0):
             self.tags[id(alloc)] = _merge(cur, new)
             self.changed.add(id(alloc))
+            self.retagged.add(id(alloc))

@@ -11,12 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-MiB = 1 << 20
+from vramtrace.attribution.workspaces import CUBLAS_WS_DEFAULT, CUBLAS_WS_HOPPER
 
-# cuBLAS workspace PyTorch allocates per (handle, stream): ":4096:8" (32 MiB) on Hopper and newer,
-# ":4096:2:16:8" (8 MiB + 128 KiB) before (aten/src/ATen/cuda/CublasHandlePool.cpp).
-CUBLAS_WS_HOPPER = 4096 * 1024 * 8
-CUBLAS_WS_DEFAULT = 4096 * 1024 * 2 + 16 * 1024 * 8
+MiB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -35,7 +32,7 @@ class GPU:
 
 
 def _gpu(name: str, total_mib: int, context_mib: int, arch: str) -> GPU:
-    ws = CUBLAS_WS_HOPPER if arch in ("hopper",) else CUBLAS_WS_DEFAULT
+    ws = CUBLAS_WS_HOPPER if arch in ("hopper", "blackwell") else CUBLAS_WS_DEFAULT
     return GPU(name, total_mib * MiB, context_mib * MiB, ws, arch)
 
 
