@@ -124,3 +124,16 @@ def test_reading_verbs_run_with_the_gc_paused_and_restore_it(tagged_file, monkey
     bad = tagged_file.with_name("bad.pkl")
     bad.write_bytes(b"\x80\x04garbage")
     assert run("report", bad).exit_code == 2 and gc.isenabled()
+
+
+def test_guessed_report_names_the_cublas_workspace():
+    """A foreign file with C++ frames: the block at::cuda::getNewWorkspace made is reported as
+    the cuBLAS workspace (32 MiB on this Hopper-era file), not as the user frame of the matmul
+    that first needed it."""
+    files = real_snapshot_files()
+    if not files:
+        pytest.skip("../shared is absent")
+    path = next(p for p in files if p.name == "memory_small_forward.pickle")
+    rows = json.loads(run("report", path, "--format", "json").stdout)["devices"][0]["by_module"]
+    workspace = [r for r in rows if r["name"].startswith("cuBLAS workspace")]
+    assert [(r["bytes"], r["count"]) for r in workspace] == [(32 << 20, 1)]

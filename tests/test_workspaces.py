@@ -5,7 +5,7 @@ import pytest
 
 from conftest import real_snapshot_files
 from vramtrace.attribution.workspaces import CUBLAS_WS_DEFAULT, CUBLAS_WS_HOPPER, cublas_workspace_sizes, \
-    made_by_workspace_call
+    is_workspace_frame
 from vramtrace.snapshot.load import load_snapshot
 
 _FREES = ("free_requested", "free_completed")
@@ -36,7 +36,7 @@ def test_size_and_never_freed_pick_exactly_the_workspaces_real_cxx_frames_name()
                 elif event["action"] in _FREES:
                     never_freed.pop(event["addr"], None)
             by_frames = {id(e) for e in _allocs(trace)
-                         if made_by_workspace_call(f.get("name", "") for f in e.get("frames") or ())}
+                         if any(is_workspace_frame(f.get("name", "")) for f in e.get("frames") or ())}
             by_size = {id(e) for e in never_freed.values() if e["size"] in sizes}
             assert by_size == by_frames, path.name
             found += len(by_frames)

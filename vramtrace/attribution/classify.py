@@ -13,6 +13,7 @@ from itertools import chain
 
 import numpy as np
 
+from vramtrace.attribution import workspaces
 from vramtrace.attribution.taxonomy import UNKNOWN
 from vramtrace.replay.timeline import Allocations
 from vramtrace.trace import Frame, Tag, Trace
@@ -25,6 +26,8 @@ GUESS_SETUP = "model setup"
 GUESS_OTHER = "other"
 GUESS_NO_STACK = "no stack recorded"
 GUESS_BEFORE = "before the trace began"
+# where a stack made by the call that allocates a cuBLAS workspace (C++ frames) is reported
+WORKSPACE_WHERE = "cuBLAS workspace (kept per handle and stream)"
 
 # (phase, words, pattern over a frame's "filename:name") in priority order. Every match of a
 # pattern contains one of its words (tests/test_classify.py checks each alternative): substring
@@ -83,6 +86,9 @@ def _from_tag(tag: Tag) -> Attribution | None:
                        guessed=False)
 
 
+_WORKSPACE_FRAME = -2   # stands for the user frame of a workspace's stack
+
+
 class _Guesser:
     """Phase and user frame of untagged stacks, from facts learned once per distinct frame.
 
@@ -113,7 +119,7 @@ class _Guesser:
     def _of_stacks(self, keys: list[int]) -> list[Attribution]:
         if not keys:
             return []
-        rule, user = self._frame_facts()
+        rule, user, workspace = self._frame_facts()
         stacks = [self.table.stacks[k] for k in keys]
         lengths = np.fromiter(map(len, stacks), np.int64, len(stacks))
         flat = np.fromiter(chain.from_iterable(stacks), np.int64, int(lengths.sum()))
@@ -121,13 +127,16 @@ class _Guesser:
         first_rule = np.minimum.reduceat(rule[flat], starts)
         first_user = np.minimum.reduceat(np.where(user[flat], np.arange(len(flat)), len(flat)), starts)
         user_frame = np.where(first_user < starts + lengths, flat[np.minimum(first_user, len(flat) - 1)], -1)
+        # a stack that passes through the workspace call: reported as that, not as its user frame
+        user_frame[np.maximum.reduceat(workspace[flat], starts)] = _WORKSPACE_FRAME
         return list(map(self._attribution, user_frame.tolist(), first_rule.tolist()))
 
-    def _frame_facts(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per frame id: the index of the first rule it matches, and whether it is user code
-        (not Python's, torch's or generated). Frames differing only in line share the answers
-        (C++ and generated code often do: ~1,240 frames but ~35 files in a real file), and the
-        rule tests cost ~2 µs a frame."""
+    def _frame_facts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per frame id: the index of the first rule it matches, whether it is user code (not
+        Python's, torch's or generated), and whether it is the call that allocates a cuBLAS
+        workspace. Frames differing only in line share the answers (C++ and generated code
+        often do: ~1,240 frames but ~35 files in a real file), and the rule tests cost ~2 µs a
+        frame."""
         rule_of: dict[tuple[str, str], int] = {}
         user_of: dict[str, bool] = {}
         rule, user = [], []
@@ -140,7 +149,8 @@ class _Guesser:
             if u is None:
                 u = user_of[f.filename] = is_python_frame(f) and not _LIBRARY.search(f.filename)
             user.append(u)
-        return np.array(rule, np.int64), np.array(user, bool)
+        workspace = [workspaces.is_workspace_frame(f.name) for f in self.table.frames]
+        return np.array(rule, np.int64), np.array(user, bool), np.array(workspace, bool)
 
     def _attribution(self, user_frame: int, rule: int) -> Attribution:
         phase = _PHASE_RULES[rule][0] if rule < len(_PHASE_RULES) else GUESS_OTHER
@@ -152,6 +162,8 @@ class _Guesser:
 
     def _label(self, frame_id: int) -> str:
         """Where a stack's first user frame is ("-": none, -1); many stacks share it."""
+        if frame_id == _WORKSPACE_FRAME:
+            return WORKSPACE_WHERE
         if frame_id < 0:
             return "-"
         label = self.labels.get(frame_id)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 # torch's defaults per (handle, stream): ":4096:8" on compute capability 9, 10 and 12 (Hopper,
 # Blackwell), ":4096:2:16:8" before; ROCm builds 32 MiB, or 128 MiB on gfx94x/gfx95x.
@@ -42,6 +42,6 @@ def cublas_workspace_sizes(env: Mapping[str, str] = os.environ) -> frozenset[int
     return frozenset({sum(int(size) * 1024 * int(count) for size, count in pairs)})
 
 
-def made_by_workspace_call(frame_names: Iterable[str]) -> bool:
-    """Whether a stack holds the C++ frame of a call that allocates a cuBLAS workspace."""
-    return any(name.startswith(_WORKSPACE_FRAMES) for name in frame_names)
+def is_workspace_frame(name: str) -> bool:
+    """Whether a (C++) frame is the call that allocates a cuBLAS workspace."""
+    return name.startswith(_WORKSPACE_FRAMES)

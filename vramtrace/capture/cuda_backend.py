@@ -383,8 +383,7 @@ class _DeviceTags:
         """Whether an allocation kept at backward entry is a cuBLAS workspace, not an activation:
         its C++ frames say so, or (Python stacks only) it has a workspace's size, is never freed
         and no re-tag gave it a role (``workspaces``)."""
-        frames = alloc.get("frames") or ()
-        if workspaces.made_by_workspace_call(f.get("name", "") for f in frames):
+        if any(workspaces.is_workspace_frame(f.get("name", "")) for f in alloc.get("frames") or ()):
             return True
         return (id(alloc) not in self.freed and id(alloc) not in self.retagged
                 and alloc.get("size") in self.workspace_sizes)
