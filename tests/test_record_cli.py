@@ -419,6 +419,18 @@ def test_cuda_recording_end_to_end(tmp_path):
     assert snap["vramtrace_nvml"] and {"time_us", "device", "used", "total"} <= set(snap["vramtrace_nvml"][0])
     assert snap["vramtrace_backend"] == "cuda"
     assert all(json.loads(e["user_metadata"])["owner"] for e in events if e["action"] == "alloc")
+    # After the last step nothing is saved for backward: a block still alive as an "activation"
+    # is a library's (the cuBLAS workspace, made in the first forward matmul, never freed).
+    alive: dict[tuple[int, int], dict] = {}
+    for device, trace in enumerate(snap["device_traces"]):
+        for e in trace:
+            if e["action"] == "alloc":
+                alive[device, e["addr"]] = e
+            elif e["action"] in ("free_requested", "free_completed"):
+                alive.pop((device, e["addr"]), None)
+    assert [(e["size"], e["user_metadata"]) for e in alive.values() if e["category"] == "activation"] == []
+    workspaces = [e for e in alive.values() if json.loads(e["user_metadata"]).get("workspace") == "cuBLAS"]
+    assert workspaces and {e["category"] for e in workspaces} == {"temporary"}
 
 
 @pytest.mark.cuda
