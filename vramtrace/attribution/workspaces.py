@@ -9,7 +9,9 @@ workspaces as temporaries.
 
 Without C++ frames it is known by its size and by never being freed. On the real snapshots in
 ../shared that have C++ frames, "a cuBLAS workspace size, never freed in the trace" picks exactly
-the ``getNewWorkspace`` allocations (tests/test_workspaces.py).
+the ``getNewWorkspace`` allocations (tests/test_workspaces.py). cuBLASLt shares that workspace
+unless ``TORCH_CUBLASLT_UNIFIED_WORKSPACE=0`` gives it its own (``CUBLASLT_WORKSPACE_SIZE`` KiB,
+1 MiB by default, a size too common to go by): that one is known by its C++ frame only.
 """
 from __future__ import annotations
 
