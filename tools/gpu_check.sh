@@ -99,7 +99,8 @@ for n in sorted(owners, key=lambda n: -get(g, n)):
     print(f"  at peak {n:12s} cuda {mib(get(g, n))}   cpu {mib(get(c, n))}")
 PY
   # What the CUDA run left allocated at the end, largest first: the cuBLAS workspaces (never
-  # freed, made inside a forward or backward op) should show here, with the owner they got.
+  # freed, made inside a forward or backward op) should show here as temporaries marked
+  # "workspace" (attribution/workspaces.py), not as activations.
   $py - "$out/gpu.pkl" <<'PY'
 import json, pickle, sys
 live = {}
@@ -112,7 +113,7 @@ print("largest allocations alive at the end of the CUDA run:")
 for e in sorted(live.values(), key=lambda e: -e["size"])[:6]:
     meta = json.loads(e["user_metadata"]) if str(e.get("user_metadata", "")).startswith("{") else {}
     frames = " <- ".join(f"{f['filename'].rsplit('/', 1)[-1]}:{f['line']} {f['name']}" for f in e["frames"][:3])
-    print(f"  {e['size'] / 2**20:9.3f} MiB {e['category']:11s} {meta.get('phase', '?'):9s} "
+    print(f"  {e['size'] / 2**20:9.3f} MiB {e['category']:11s} {meta.get('workspace', ''):7s} {meta.get('phase', '?'):9s} "
           f"{meta.get('module', '')[:40]:40s} {frames[:160]}")
 PY
 }
