@@ -14,15 +14,15 @@
     compute is in both whole-step times, so their ratio cannot reach 5x; it is printed too).
 
 Warm-up steps first, then every variant once per round, interleaved, so the variants share the
-machine's noise, each after a full garbage collection (outside its timing) so that no variant
-pays for collecting what an earlier one left; CPU time of the process (torch on one thread),
-not wall time, so other processes on the machine do not count. Whole-step figures are best of
-N rounds, added times a robust centre (Hodges-Lehmann) of per-round differences; ratios are
-within this one run.
-(a) and (b) also get a 90% interval, from resampling the rounds: on this 2-core VM one step's CPU time
-swings by more than vramtrace's whole cost from round to round, so a single 25-round figure
-could land anywhere from 4 to 12 for the same code; 60 rounds and the interval say how far this
-run's figure can be trusted. Exits 0; no timed asserts.
+machine's noise, each round starting at another variant (what one variant leaves behind lands
+on all alike) and each variant after a full garbage collection (outside its timing) so that
+none pays for collecting what an earlier one left; CPU time of the process (torch on one
+thread), not wall time, so other processes on the machine do not count. Whole-step figures are
+best of N rounds, added times a robust centre (Hodges-Lehmann) of per-round differences; ratios
+are within this one run. (a) and (b) also get a 90% interval, from resampling the rounds: on
+this 2-core VM one step's CPU time swings by more than vramtrace's whole cost from round to
+round, so a single 25-round figure could land anywhere from 4 to 12 for the same code; 60
+rounds and the interval say how far this run's figure can be trusted. Exits 0; no timed asserts.
 
     python benchmarks/bench_capture.py [--rounds 60] [--json FILE] [--hidden 256] [--layers 4] [--seq 256] [--batch 4]
 """
