@@ -338,13 +338,15 @@ def test_finalize_stamps_noted_contexts_where_torch_could_not():
 
 
 def test_finalize_keeps_cublas_workspaces_out_of_the_activations(monkeypatch):
-    """A cuBLAS workspace is made in the first forward matmul and never freed: by the lifetime
-    rules alone it would be an activation. Known by its C++ frame, or with Python stacks only
-    by its size, never freed and never re-tagged; a tensor of that size kept by autograd is
-    still an activation."""
+    """cuBLAS (and a separate cuBLASLt) workspace is made in the first forward matmul and never
+    freed: by the lifetime rules alone it would be an activation. Known by its C++ frame, or
+    with Python stacks only by its size, never freed and never re-tagged; a tensor of that size
+    kept by autograd is still an activation. The engine thread's own, made in backward, is a
+    temporary either way, and gets the mark too."""
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.delenv("CUBLASLT_WORKSPACE_SIZE", raising=False)
     fwd, bwd = _tag("temporary"), _tag("temporary", phase="backward")
-    ws, ctx_saved, saved, odd, by_frame = 0x1000, 0x2000, 0x3000, 0x4000, 0x5000
+    ws, ctx_saved, saved, odd, by_frame, lt, ws_bwd = 0x1000, 0x2000, 0x3000, 0x4000, 0x5000, 0x7000, 0x8000
     hopper, older = 32 << 20, (8 << 20) + (128 << 10)
     cxx = {**_ev("alloc", by_frame, 4 << 20, 5, fwd),
            "frames": [{"name": "at::cuda::getNewWorkspace()", "filename": "??", "line": 0}]}
@@ -353,14 +355,17 @@ def test_finalize_keeps_cublas_workspaces_out_of_the_activations(monkeypatch):
              _ev("alloc", saved, older, 3, fwd),           # a workspace's size, saved for backward
              _ev("alloc", odd, hopper + 512, 4, fwd),      # not a workspace's size
              cxx,                                          # CUBLAS_WORKSPACE_CONFIG's own size
-             _ev("alloc", 0x6000, 512, 6, bwd),            # backward begins
-             _ev("free_requested", ctx_saved, hopper, 7, bwd)]
+             _ev("alloc", lt, 1 << 20, 6, fwd),            # cuBLASLt's, CUBLASLT_WORKSPACE_SIZE's default
+             _ev("alloc", 0x6000, 512, 7, bwd),            # backward begins
+             _ev("alloc", ws_bwd, hopper, 8, bwd),         # the autograd thread's handle
+             _ev("free_requested", ctx_saved, hopper, 9, bwd)]
     finalize({"segments": [], "device_traces": [trace]}, [_Retag(3, 0, saved, _tag("activation"))])
     assert [e["category"] for e in trace] == ["temporary", "activation", "activation", "activation",
-                                              "temporary", "temporary", "activation"]
-    for event in (trace[0], trace[4]):
-        meta = json.loads(event["user_metadata"])
-        assert meta["workspace"] == "cuBLAS" and meta["phase"] == "forward" and meta["owner"] == "temporary"
+                                              "temporary", "temporary", "temporary", "temporary", "activation"]
+    marks = [json.loads(e["user_metadata"]).get("workspace") for e in trace if e["action"] == "alloc"]
+    assert marks == ["cuBLAS", None, None, None, "cuBLAS", "cuBLASLt", None, "cuBLAS"]
+    meta = json.loads(trace[0]["user_metadata"])
+    assert meta["phase"] == "forward" and meta["owner"] == "temporary"
 
 
 def test_finalize_unknown_owner_names_become_unknown():

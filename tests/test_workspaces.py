@@ -5,7 +5,7 @@ import pytest
 
 from conftest import real_snapshot_files
 from vramtrace.attribution.workspaces import CUBLAS_WS_DEFAULT, CUBLAS_WS_HOPPER, cublas_workspace_sizes, \
-    is_workspace_frame
+    cublaslt_workspace_sizes, is_workspace_frame
 from vramtrace.snapshot.load import load_snapshot
 
 _FREES = ("free_requested", "free_completed")
@@ -17,6 +17,8 @@ def test_workspace_sizes_follow_cublas_workspace_config():
     assert cublas_workspace_sizes({"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}) == {CUBLAS_WS_HOPPER}
     assert cublas_workspace_sizes({"CUBLAS_WORKSPACE_CONFIG": ":16:8"}) == {16 * 1024 * 8}  # deterministic mode
     assert cublas_workspace_sizes({"CUBLAS_WORKSPACE_CONFIG": "nonsense"}) == cublas_workspace_sizes({})
+    assert cublaslt_workspace_sizes({}) == {1 << 20}
+    assert cublaslt_workspace_sizes({"CUBLASLT_WORKSPACE_SIZE": "4096"}) == {4 << 20}
 
 
 def test_size_and_never_freed_pick_exactly_the_workspaces_real_cxx_frames_name():

@@ -9,9 +9,10 @@ workspaces as temporaries.
 
 Without C++ frames it is known by its size and by never being freed. On the real snapshots in
 ../shared that have C++ frames, "a cuBLAS workspace size, never freed in the trace" picks exactly
-the ``getNewWorkspace`` allocations (tests/test_workspaces.py). cuBLASLt shares that workspace
-unless ``TORCH_CUBLASLT_UNIFIED_WORKSPACE=0`` gives it its own (``CUBLASLT_WORKSPACE_SIZE`` KiB,
-1 MiB by default, a size too common to go by): that one is known by its C++ frame only.
+the ``getNewWorkspace`` allocations (tests/test_workspaces.py). cuBLASLt has a workspace of its
+own unless torch unifies the two (``TORCH_CUBLASLT_UNIFIED_WORKSPACE``): ``CUBLASLT_WORKSPACE_SIZE``
+KiB, 1 MiB by default; torch 2.11 on an H200 made one beside the 32 MiB cuBLAS one, in the first
+forward linear, never freed.
 """
 from __future__ import annotations
 
@@ -29,8 +30,10 @@ _DEFAULT_SIZES = frozenset({CUBLAS_WS_HOPPER, CUBLAS_WS_DEFAULT, _ROCM_WS_LARGE}
 # C++ frames (stacks="all") of the functions that allocate a workspace
 _WORKSPACE_FRAMES = ("at::cuda::getNewWorkspace", "at::cuda::getCUDABlasLtWorkspace")
 _CONFIG_PAIR = re.compile(r":([0-9]+):([0-9]+)")
+_CUBLASLT_DEFAULT_KIB = 1024
 
-DETAIL = "cuBLAS"   # user_metadata["workspace"] of such an allocation
+# user_metadata["workspace"] of such an allocation
+CUBLAS, CUBLASLT = "cuBLAS", "cuBLASLt"
 
 
 def cublas_workspace_sizes(env: Mapping[str, str] = os.environ) -> frozenset[int]:
@@ -42,6 +45,13 @@ def cublas_workspace_sizes(env: Mapping[str, str] = os.environ) -> frozenset[int
     if not pairs:
         return _DEFAULT_SIZES
     return frozenset({sum(int(size) * 1024 * int(count) for size, count in pairs)})
+
+
+def cublaslt_workspace_sizes(env: Mapping[str, str] = os.environ) -> frozenset[int]:
+    """Size of a separate cuBLASLt workspace: ``CUBLASLT_WORKSPACE_SIZE`` KiB, else 1 MiB."""
+    value = env.get("CUBLASLT_WORKSPACE_SIZE", "")
+    kib = int(value) if value.isdigit() else _CUBLASLT_DEFAULT_KIB
+    return frozenset({kib * 1024})
 
 
 def is_workspace_frame(name: str) -> bool:

@@ -298,7 +298,8 @@ class _DeviceTags:
         self.freed: dict[int, dict] = {}       # id(alloc event) -> context of its first free
         self.kept: set[int] = set()            # id(alloc event) made an activation at backward entry
         self.retagged: set[int] = set()        # id(alloc event) a re-tag changed
-        self.workspace_sizes = workspaces.cublas_workspace_sizes()
+        self.workspace_sizes = {**dict.fromkeys(workspaces.cublaslt_workspace_sizes(), workspaces.CUBLASLT),
+                                **dict.fromkeys(workspaces.cublas_workspace_sizes(), workspaces.CUBLAS)}
         self.backward = BackwardEntry()
         self.parsed: dict[Any, dict] = {}      # metadata string -> its dict (never mutated: shared)
 
@@ -370,23 +371,29 @@ class _DeviceTags:
     def _final(self, alloc: dict) -> None:
         """Apply the owner rules that need the allocation's free (none while it is alive)."""
         tag, free = self.tags[id(alloc)], self.freed.get(id(alloc), {})
-        if id(alloc) in self.kept and _owner(tag) == tx.ACTIVATION and self._cublas_workspace(alloc):
-            self.tags[id(alloc)] = {**tag, "owner": tx.TEMPORARY, "workspace": workspaces.DETAIL}
-            return
         owner = final_owner(_owner(tag), tag.get("phase", ""), tag.get("step", -1),
                             free.get("phase", ""), free.get("step", -1))
+        made_in_pass = tag.get("phase") in ("forward", "backward", "recompute")
+        if made_in_pass and (owner == tx.TEMPORARY or (owner == tx.ACTIVATION and id(alloc) in self.kept)):
+            library = self._workspace(alloc)
+            if library:
+                self.tags[id(alloc)] = {**tag, "owner": tx.TEMPORARY, "workspace": library}
+                self.changed.add(id(alloc))
+                return
         if owner != _owner(tag):
             self.tags[id(alloc)] = {**tag, "owner": owner}
             self.changed.add(id(alloc))
 
-    def _cublas_workspace(self, alloc: dict) -> bool:
-        """Whether an allocation kept at backward entry is a cuBLAS workspace, not an activation:
+    def _workspace(self, alloc: dict) -> str:
+        """The library whose workspace a temporary (or one kept at backward entry) is, else "":
         its C++ frames say so, or (Python stacks only) it has a workspace's size, is never freed
-        and no re-tag gave it a role (``workspaces``)."""
+        and no re-tag gave it a role (``workspaces``). A workspace is no activation: on its own
+        the lifetime rule makes the one a forward matmul creates one."""
         if any(workspaces.is_workspace_frame(f.get("name", "")) for f in alloc.get("frames") or ()):
-            return True
-        return (id(alloc) not in self.freed and id(alloc) not in self.retagged
-                and alloc.get("size") in self.workspace_sizes)
+            return workspaces.CUBLAS
+        if id(alloc) in self.freed or id(alloc) in self.retagged:
+            return ""
+        return self.workspace_sizes.get(alloc.get("size"), "")
 
     def _apply_until(self, upto: int) -> None:
         for r in self.retags[self.done:upto]:

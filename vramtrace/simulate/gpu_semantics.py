@@ -18,7 +18,8 @@ paths wherever the two keep different tensors alive:
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+import inspect
+from typing import Any, Callable, Iterator
 from unittest import mock
 
 import torch
@@ -115,14 +116,22 @@ def _int8_outliers_empty() -> Iterator[None]:
              "bitsandbytes::int8_double_quant": double_quant,
              "bitsandbytes::int8_mixed_scaled_mm": mixed_scaled_mm}
     lib = torch.library.Library("bitsandbytes", "FRAGMENT")
-    handles = [singleton.find(name).fake_impl.register(fn, "vramtrace.simulate", lib)
-               for name, fn in impls.items()]
+    handles = [_override_fake(singleton.find(name).fake_impl, fn, lib) for name, fn in impls.items()]
     try:
         yield
     finally:
         for h in handles:
             h.destroy()
         lib._destroy()
+
+
+def _override_fake(holder: Any, fn: Callable, lib: torch.library.Library) -> Any:
+    """Register ``fn`` over the fake impl bitsandbytes registered. torch 2.13 overrides by
+    default; earlier 2.x builds (2.11 on the GPU machine) refuse unless asked with
+    ``allow_override``, and the oldest have no such switch."""
+    if "allow_override" in inspect.signature(holder.register).parameters:
+        return holder.register(fn, "vramtrace.simulate", lib, allow_override=True)
+    return holder.register(fn, "vramtrace.simulate", lib)
 
 
 @contextlib.contextmanager
