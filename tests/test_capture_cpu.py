@@ -440,3 +440,36 @@ def test_a_backward_pass_nobody_announces_is_still_backward(tmp_path: Path) -> N
               if e["size"] == 128 * 128 * 4]
     # w * 2 and its sin outside any module, then the gradients of sin and of the product
     assert phases[:2] == ["setup", "setup"] and len(phases) > 2 and set(phases[2:]) == {"backward"}
+
+
+class _SavedRoles:
+    """A listener that, like the CUDA backend, does not see autocast's cast op."""
+
+    def __init__(self) -> None:
+        self.saved: list[tuple[str, str, tuple, bool]] = []   # owner, param, shape, is the weight's copy
+
+    def retag(self, tensor: torch.Tensor, tag: Tag) -> None:
+        if tag.owner in (tx.ACTIVATION, tx.AUTOCAST):
+            self.saved.append((tag.owner, tag.param, tuple(tensor.shape), tensor.stride()[0] == 1))
+
+    def context_changed(self, ctx: TaggingContext) -> None:
+        pass
+
+
+def test_saved_autocast_weight_copies_are_named_where_the_cast_is_not_seen() -> None:
+    """Where the backend cannot see the cast (CUDA), the saved-tensor hook names autocast's
+    weight copy a linear saves (its transposed view), not an input of the very same shape.
+    Layer 0 is frozen fp16 (its input needs the copy), layer 1 trainable fp32."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    m[0].requires_grad_(False).half()
+    listener = _SavedRoles()
+    with tagging_hooks(listener) as ctx:
+        ctx.track_model(m)
+        x = torch.randn(16, 16, requires_grad=True)   # the same shape as layer 0's weight
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        y.float().sum().backward()
+    assert sorted(listener.saved) == [(tx.ACTIVATION, "", (16, 16), False),        # layer 1's input
+                                      (tx.AUTOCAST, "0.weight", (16, 16), True),
+                                      (tx.AUTOCAST, "1.weight", (16, 4), True)]

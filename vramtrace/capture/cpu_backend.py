@@ -242,6 +242,7 @@ class CpuBackend:
     """Records storages on the CPU (or any device the dispatch mode sees) with owner tags."""
 
     name = "cpu"
+    sees_casts = True   # the dispatch mode tags autocast's weight copies as they are made
 
     def __init__(self, stacks: str | None = "python", max_entries: int | None = None,
                  custom_op_internals: bool = False) -> None:

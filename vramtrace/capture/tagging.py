@@ -84,7 +84,9 @@ class Tag:
 
 
 class TagListener(Protocol):
-    """What a backend implements to receive re-tags and context changes."""
+    """What a backend implements to receive re-tags and context changes. A listener that tags
+    autocast's weight copies itself, as they are made (the CPU backend sees the cast op), says so
+    with a true ``sees_casts`` attribute; for the others the saved-tensor hook names the copies."""
 
     def retag(self, tensor: torch.Tensor, tag: Tag) -> None: ...
 
@@ -224,6 +226,7 @@ class TaggingContext:
 
     def __init__(self, listener: TagListener) -> None:
         self._listener = listener
+        self._casts_on_save = not getattr(listener, "sees_casts", False)
         self._tls = _ThreadState()
         self._names: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
         self._roots: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
@@ -344,7 +347,7 @@ class TaggingContext:
         outer = not self._tls.stack
         # Autocast reads as off inside __torch_dispatch__, so note it where the module is entered.
         autocast = autocast_enabled("cpu") or autocast_enabled("cuda")
-        self._tls.stack.append((self._name_of(module), autocast))
+        self._tls.stack.append((self._name_of(module), autocast, module))
         if outer and not _in_backward():
             for t in _flat_tensors(args):
                 self._listener.retag(t, self._role(t, tx.INPUT))
@@ -404,8 +407,23 @@ class TaggingContext:
 
     def _pack(self, t: torch.Tensor) -> torch.Tensor:
         """Saved-for-backward pack hook: re-tag, and hand back the same tensor (no copy, no ref)."""
-        self._listener.retag(t, self._role(t, tx.ACTIVATION))
+        st = self._tls.stack
+        param = self._cast_weight(st[-1][2], t) if self._casts_on_save and st and st[-1][1] else ""
+        self._listener.retag(t, self._role(t, tx.AUTOCAST, param) if param else self._role(t, tx.ACTIVATION))
         return t
+
+    def _cast_weight(self, module: torch.nn.Module, t: torch.Tensor) -> str:
+        """Name of the parameter of ``module`` (entered with autocast on) that saved tensor
+        ``t`` is autocast's copy of, else "". A linear saves its weight's cast as the
+        transposed view the matmul uses: shape (in, out), strides (1, in), another dtype than
+        the weight's. An input of the same shape is saved contiguous, so it never matches."""
+        if t.dim() != 2 or t.stride() != (1, t.shape[0]):
+            return ""
+        for p in module._parameters.values():
+            if (p is not None and p.dim() == 2 and p.dtype != t.dtype
+                    and p.shape[0] == t.shape[1] and p.shape[1] == t.shape[0]):
+                return self.param_name(p)
+        return ""
 
     @staticmethod
     def _unpack(t: torch.Tensor) -> torch.Tensor:
