@@ -52,6 +52,7 @@ from torch import nn  # noqa: E402
 from tools.llama_sizes import add_device_and_size_options, chosen_device  # noqa: E402
 from vramtrace.simulate.core import paused, simulate_step  # noqa: E402
 from vramtrace.attribution.workspaces import CUBLAS_WS_DEFAULT, CUBLAS_WS_HOPPER  # noqa: E402
+from vramtrace.simulate.gpus import TRAINING_CUBLAS_HANDLES  # noqa: E402
 from vramtrace.simulate.models import (Recipe, build_model, load_config, make_optimizer, simulate_recipe,  # noqa: E402
                                        training_step)
 
@@ -151,10 +152,12 @@ def real_cpu(recipe: Recipe, vocab: int, device: torch.device) -> dict[str, Any]
 
 
 def cublas_workspace(device: torch.device) -> int:
-    """The workspace PyTorch allocates per cuBLAS handle and stream on this device (0 on CPU)."""
+    """The workspaces PyTorch allocates for a training step's cuBLAS handles on this device
+    (0 on CPU)."""
     if device.type != "cuda":
         return 0
-    return CUBLAS_WS_HOPPER if torch.cuda.get_device_capability(device)[0] >= 9 else CUBLAS_WS_DEFAULT
+    per_handle = CUBLAS_WS_HOPPER if torch.cuda.get_device_capability(device)[0] >= 9 else CUBLAS_WS_DEFAULT
+    return TRAINING_CUBLAS_HANDLES * per_handle
 
 
 def describe(recipe: Recipe) -> str:
@@ -205,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
           f"intermediate {args.intermediate}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}, "
           f"seq {args.seq}, batch {args.batch}, use_cache False")
     if device.type == "cuda":
-        print(f"cuBLAS workspace: {ws / MiB:.2f} MiB per handle and stream, in the real figures only; "
+        print(f"cuBLAS workspaces: {ws / MiB:.2f} MiB ({TRAINING_CUBLAS_HANDLES} handles), in the real figures only; "
               f"PYTORCH_CUDA_ALLOC_CONF={os.environ.get('PYTORCH_CUDA_ALLOC_CONF', '(unset)')}")
     else:
         print("dry run: 'real' is vramtrace's CPU recorder on real CPU tensors, not a GPU")

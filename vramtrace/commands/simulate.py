@@ -142,7 +142,7 @@ def _render(console, result, verdict, found, output) -> None:  # noqa: ANN001
     console.print(table)
     g = verdict.gpu
     console.print(f"peak allocated {_size(s['peak_allocated'])}, peak reserved {_size(s['peak_reserved'])}; "
-                  f"+ cuBLAS workspace {_size(g.cublas_workspace_bytes)} + CUDA context "
+                  f"+ cuBLAS workspaces {_size(g.workspaces_bytes)} + CUDA context "
                   f"{_size(g.context_bytes)} = {_size(verdict.needed_bytes)} of {_size(g.total_bytes)}")
     style = "green" if verdict.fits else "red"
     console.print(f"[bold {style}]{verdict.verdict()}[/]")
