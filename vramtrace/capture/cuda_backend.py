@@ -294,7 +294,7 @@ class _DeviceTags:
         self.live: dict[int, dict] = {}        # addr -> alloc event live there
         self.tags: dict[int, dict] = {}        # id(alloc event) -> its tag so far
         self.orphans: dict[int, _Retag] = {}   # addr -> re-tag that found nothing live yet
-        self.changed: set[int] = set()         # id(alloc event) whose tag a re-tag changed
+        self.changed: set[int] = set()         # id(alloc event) whose tag differs from its stamp
         self.freed: dict[int, dict] = {}       # id(alloc event) -> context of its first free
         self.kept: set[int] = set()            # id(alloc event) made an activation at backward entry
         self.retagged: set[int] = set()        # id(alloc event) a re-tag changed
