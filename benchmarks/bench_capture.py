@@ -81,12 +81,17 @@ def shift(diffs: np.ndarray) -> np.ndarray:
     return np.median((diffs[..., i] + diffs[..., j]) / 2, axis=-1)
 
 
+def paired_diffs(times: dict[str, list[float]], variant: str) -> np.ndarray:
+    """Per round, the variant's step time minus the untagged step of the same round."""
+    return np.asarray(times[variant]) - np.asarray(times["untagged"])
+
+
 def added(times: dict[str, list[float]], variant: str) -> tuple[float, float, float]:
     """What the variant adds to the step, from its step time minus the untagged step of the same
     round (paired differences cancel the machine's drift, which moves a best-of by more than a
     tracker's cost on a step this size: best-of differences came out negative), with the
     quartiles of those differences."""
-    diffs = np.asarray(times[variant]) - np.asarray(times["untagged"])
+    diffs = paired_diffs(times, variant)
     q1, q3 = np.quantile(diffs, [0.25, 0.75])
     return float(shift(diffs)), float(q1), float(q3)
 
@@ -105,9 +110,8 @@ def _interval(values: np.ndarray, level: float = 0.90) -> tuple[float, float]:
 def ratio_interval(times: dict[str, list[float]], numerator: str, denominator: str) -> tuple[float, float]:
     """90% interval of what ``numerator`` adds over what ``denominator`` adds, over bootstrap
     resamples of whole rounds."""
-    base = np.asarray(times["untagged"])
-    top, bottom = np.asarray(times[numerator]) - base, np.asarray(times[denominator]) - base
-    rounds = _resampled_rounds(len(base))
+    top, bottom = paired_diffs(times, numerator), paired_diffs(times, denominator)
+    rounds = _resampled_rounds(len(top))
     num, den = shift(top[rounds]), shift(bottom[rounds])
     return _interval(np.where(den > 0, num / np.where(den > 0, den, 1), np.inf))
 
@@ -115,8 +119,7 @@ def ratio_interval(times: dict[str, list[float]], numerator: str, denominator: s
 def overhead_interval(times: dict[str, list[float]], variant: str) -> tuple[float, float, float]:
     """The variant's step over the untagged step, as 1 + added time / median untagged step,
     with its 90% bootstrap interval (a best-of ratio has no interval and went as low as 0.94)."""
-    base = np.asarray(times["untagged"])
-    diffs = np.asarray(times[variant]) - base
+    base, diffs = np.asarray(times["untagged"]), paired_diffs(times, variant)
     rounds = _resampled_rounds(len(base))
     whole = 1 + shift(diffs) / np.median(base)
     return (float(whole), *_interval(1 + shift(diffs[rounds]) / np.median(base[rounds], axis=1)))

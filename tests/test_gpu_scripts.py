@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("transformers")
+from conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
+pytest.importorskip("transformers")
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:

@@ -34,7 +34,7 @@ import torch
 
 from vramtrace.attribution import taxonomy as tx
 from vramtrace.attribution import workspaces
-from vramtrace.capture.lifetimes import BackwardEntry, final_owner, owner_when_kept
+from vramtrace.capture.lifetimes import IN_BACKWARD, BackwardEntry, final_owner, owner_when_kept
 from vramtrace.capture.nvml import NvmlSampler
 from vramtrace.capture.recorder import DEFAULT_MAX_ENTRIES
 from vramtrace.capture.tagging import OWNER_PRIORITY, Tag, TaggingContext, set_cuda_memory_metadata
@@ -373,7 +373,7 @@ class _DeviceTags:
         tag, free = self.tags[id(alloc)], self.freed.get(id(alloc), {})
         owner = final_owner(_owner(tag), tag.get("phase", ""), tag.get("step", -1),
                             free.get("phase", ""), free.get("step", -1))
-        made_in_pass = tag.get("phase") in ("forward", "backward", "recompute")
+        made_in_pass = tag.get("phase") == "forward" or tag.get("phase") in IN_BACKWARD
         if made_in_pass and (owner == tx.TEMPORARY or (owner == tx.ACTIVATION and id(alloc) in self.kept)):
             library = self._workspace(alloc)
             if library:
